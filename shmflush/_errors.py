@@ -1,0 +1,78 @@
+"""Exception hierarchy.
+
+Every error that shmflush raises on purpose derives from :class:`ShmflushError`,
+except argument errors, which are plain :class:`ValueError` / :class:`TypeError`
+naming the parameter (the Python convention for bad arguments).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class ShmflushError(Exception):
+    """Base class of every shmflush error."""
+
+
+class RingClosedError(ShmflushError):
+    """The ring was closed by this process, or its owner closed it for everybody."""
+
+
+class RingBrokenError(ShmflushError):
+    """The ring cannot make progress because of someone else.
+
+    Examples: the flusher died, or the disk is full.  ``errno`` and ``strerror``
+    are set when an OS error is the cause; the original :class:`OSError` is chained
+    as ``__cause__`` where this process saw it, and rebuilt from the errno the
+    flusher stored in shared memory otherwise.
+    """
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        self.errno = errno
+        self.strerror = os.strerror(errno) if errno else ""
+        super().__init__(message)
+
+
+class RingTimeoutError(ShmflushError, TimeoutError):
+    """A blocking call ran out of its ``timeout``."""
+
+
+class RecordTooLargeError(ShmflushError, ValueError):
+    """A record does not fit in one buffer of the ring."""
+
+
+class RingNotFoundError(ShmflushError, FileNotFoundError):
+    """No ring of that name exists on this host."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_errno.ENOENT, f"no shmflush ring named {name!r} on this host", name)
+
+
+class RingExistsError(ShmflushError, FileExistsError):
+    """A ring of that name already exists (pass ``exist_ok=True`` to replace it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            _errno.EEXIST,
+            f"a shmflush ring named {name!r} already exists; pass exist_ok=True to replace it",
+            name,
+        )
+
+
+class CorruptRingError(ShmflushError):
+    """A shared-memory segment is not a valid shmflush ring (wrong magic,
+    unknown version, or a field out of range)."""
+
+
+class CorruptFileError(ShmflushError):
+    """The file holds a damaged or torn stretch.
+
+    ``offset`` is the byte offset in the file where the damage starts.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(f"{path}: corrupt data at byte offset {offset}: {reason}")
