@@ -1,0 +1,42 @@
+"""shmflush: many processes append records to one durable file at memory speed.
+
+Records go into 4 KiB-aligned buffers in POSIX shared memory; a writer claims
+its bytes with one atomic fetch-and-add; one flusher process writes full buffers
+to the file with O_DIRECT.  See README.md and docs/.
+"""
+
+from ._api import DirectIOWarning, Ring, Stats, attach, create
+from ._errors import (
+    CorruptFileError,
+    CorruptRingError,
+    RecordTooLargeError,
+    RingBrokenError,
+    RingClosedError,
+    RingExistsError,
+    RingNotFoundError,
+    RingTimeoutError,
+    ShmflushError,
+)
+from ._reader import Damage, Reader, read
+
+__all__ = [
+    "CorruptFileError",
+    "CorruptRingError",
+    "Damage",
+    "DirectIOWarning",
+    "Reader",
+    "RecordTooLargeError",
+    "Ring",
+    "RingBrokenError",
+    "RingClosedError",
+    "RingExistsError",
+    "RingNotFoundError",
+    "RingTimeoutError",
+    "ShmflushError",
+    "Stats",
+    "attach",
+    "create",
+    "read",
+]
+
+__version__ = "0.1.0"

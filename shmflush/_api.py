@@ -1,0 +1,732 @@
+"""Layer 5: the public API — create, attach, Ring, Stats."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, Final
+
+from . import _atomic, _format, _proc
+from . import _layout as L
+from ._errors import (
+    RecordTooLargeError,
+    RingBrokenError,
+    RingClosedError,
+    RingTimeoutError,
+    ShmflushError,
+)
+from ._reader import find_append_point
+from ._ring import Ring as _Core
+from ._ring import attach_ring
+
+__all__ = ["DirectIOWarning", "Ring", "Stats", "attach", "create"]
+
+_SEALED: Final = L.SEALED
+_WRITER_ONE: Final = L.WRITER_ONE
+_HANDOFF_MASK: Final = L.WRITER_MASK | L.SEALED | L.CLOSED | L.FLUSHING
+_HANDOFF: Final = L.WRITER_ONE | L.SEALED | L.CLOSED
+_INDEX_MASK: Final = L.LANE_INDEX_MASK
+_FILL_SHIFT: Final = L.LANE_FILL_SHIFT
+_HDR: Final = _format.RECORD_HEADER_SIZE
+_KIND_DATA: Final = _format.KIND_DATA
+_MARK: Final = _format.RECORD_MARK
+
+_FLUSHER_START_TIMEOUT: Final = 30.0
+
+
+class DirectIOWarning(RuntimeWarning):
+    """The file system refused O_DIRECT; the flusher writes through the page cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of one ring.
+
+    ``records``, ``bytes``, ``waits`` and ``abandoned`` count what *this process*
+    did through this ring object; the other fields are ring-wide.
+    """
+
+    name: str
+    records: int  #: records this process appended
+    bytes: int  #: payload bytes this process appended
+    waits: int  #: times this process blocked because every buffer was full
+    abandoned: int  #: ranges this process turned into abandoned records
+    buffers_flushed: int  #: fills the flusher wrote (ring-wide)
+    bytes_written: int  #: bytes the flusher wrote to the file, padding included
+    syncs: int  #: fdatasync calls the flusher made
+    direct_io: bool  #: whether the flusher writes with O_DIRECT
+    flusher_pid: int
+    buffer_size: int
+    buffers: int
+    lanes: int
+    broken: bool  #: the flusher hit an error; appends raise RingBrokenError
+
+
+class _ThreadSlot:
+    """A lease slot held by one thread; released when the thread's locals die."""
+
+    __slots__ = ("__weakref__", "core", "lane", "lane_w", "pid", "slot")
+
+    def __init__(self, core: _Core, slot: int) -> None:
+        self.core: _Core | None = core
+        self.slot = slot
+        self.pid = os.getpid()
+        self.lane = slot % core.geometry.lanes
+        self.lane_w = core.lane_w[self.lane]
+
+    def release(self) -> None:
+        core, self.core = self.core, None
+        if core is not None and core.mm is not None and self.pid == os.getpid():
+            core.release_lease(self.slot)
+
+    def __del__(self) -> None:
+        with suppress(Exception):
+            self.release()
+
+
+_live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's mapping (MAP_SHARED survives fork) but must not
+    # use the parent's lease slots, nor act as the owner.
+    for ring in list(_live_rings):
+        ring._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Ring:
+    """A handle on a shmflush ring in this process.
+
+    Get one from :func:`create` (the owner) or :func:`attach` (anyone else on the
+    host running as the same user).  A ring pickles by name, so passing it to a
+    ``multiprocessing`` worker attaches there.  All methods are safe to call from
+    several threads; each thread takes its own writer slot on its first append.
+
+    Guarantees:
+
+    * A record whose ``append`` returned is written to the file by the flusher,
+      unless the ring reports itself broken; after the owner's ``close()`` (or a
+      ``sync()``) returns, it is on disk to the ring's sync level.
+    * Records appended by one thread appear in the file in the order of the calls.
+    * Nothing is dropped while a call reports success: every failure raises.
+    """
+
+    def __init__(self, core: _Core, *, owner: bool = False) -> None:
+        # Sentinels first, so that close() works on a half-built object.
+        self._core: _Core | None = core
+        self._owner_pid = os.getpid() if owner else 0
+        self._pid = os.getpid()
+        self._flusher: subprocess.Popen[bytes] | None = None
+        self._tls = threading.local()
+        self._slots: list[_ThreadSlot] = []
+        self._slots_lock = threading.Lock()
+        self._records = 0
+        self._bytes = 0
+        self._waits = 0
+        self._abandoned = 0
+        self.name = core.name
+        # Hot-path constants and bound callables, cached once.
+        self._words = core.words
+        self._view = core.view
+        self._status_w = core.status_w
+        self._state_addr = core.state_addr
+        self._fill_w = core.fill_w
+        self._records_at = core.records_at
+        self._capacity = core.capacity
+        self._max_record = core.max_record
+        self._faa_limit = core.faa_limit
+        self._pack = _format.RECORD_HEADER.pack_into
+        _live_rings.add(self)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _forked(self) -> None:
+        self._tls = threading.local()
+        self._slots = []
+        self._slots_lock = threading.Lock()
+        self._flusher = None
+        self._records = self._bytes = self._waits = self._abandoned = 0
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return attach, (self.name,)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core is None else ("owner" if self._is_owner() else "attached")
+        return f"<shmflush.Ring {self.name!r} {state}>"
+
+    def _is_owner(self) -> bool:
+        return self._owner_pid == os.getpid()
+
+    @property
+    def closed(self) -> bool:
+        return self._core is None
+
+    def _live_core(self) -> _Core:
+        core = self._core
+        if core is None:
+            raise RingClosedError(f"ring {self.name!r} is closed")
+        return core
+
+    def _slot(self) -> _ThreadSlot:
+        slot: _ThreadSlot | None = getattr(self._tls, "slot", None)
+        if slot is None:
+            core = self._live_core()
+            slot = _ThreadSlot(core, core.acquire_lease())
+            self._tls.slot = slot
+            with self._slots_lock:
+                self._slots.append(slot)
+        return slot
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Close this handle.  Idempotent.
+
+        In the owner, this drains every buffer to the file, stops the flusher and
+        unlinks the shared memory and semaphores: when it returns without raising,
+        every record appended through the ring, by any process, is on disk.  Other
+        processes' later appends raise :class:`RingClosedError`.  Raises
+        :class:`RingBrokenError` if the flusher could not write everything and
+        :class:`RingTimeoutError` if it did not finish within *timeout* seconds;
+        the shared memory is unlinked in every case.
+
+        In any other process, this releases the process's writer slots and unmaps.
+        """
+        core = self._core
+        if core is None:
+            return
+        error: ShmflushError | None = None
+        try:
+            if self._is_owner():
+                error = self._shutdown(core, timeout)
+        finally:
+            self._core = None
+            with self._slots_lock:
+                slots, self._slots = self._slots, []
+            for slot in slots:
+                slot.release()
+            self._tls = threading.local()
+            # BufferError: a reserve() view is still referenced somewhere; the
+            # mapping goes away when that last reference does.
+            with contextlib.suppress(BufferError):
+                core.unmap()
+        if error is not None:
+            raise error
+
+    def _shutdown(self, core: _Core, timeout: float | None) -> ShmflushError | None:
+        error: ShmflushError | None = None
+        try:
+            core.set_status(L.STATUS_CLOSING)
+            core.wake_flusher()
+            flusher = self._flusher
+            if flusher is not None:
+                try:
+                    flusher.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    flusher.kill()
+                    flusher.wait()
+                    error = RingTimeoutError(
+                        f"ring {self.name!r}: the flusher did not drain within {timeout} s"
+                    )
+            status = core.status()
+            if error is None and (status & L.STATUS_BROKEN or not status & L.STATUS_FLUSHER_DONE):
+                error = core.broken_error()
+            elif error is None and not all(
+                core.state(i) & L.IDLE for i in range(core.geometry.buffers)
+            ):
+                error = RingBrokenError(
+                    f"ring {self.name!r}: a writer never released its claim; the flusher "
+                    "gave up draining and its buffer was not written"
+                )
+        finally:
+            L.unlink_segment(self.name)
+        return error
+
+    def __del__(self) -> None:
+        # Safety net only: never raises, never blocks, does nothing in a forked
+        # child.  An owner dropped without close() asks the flusher to drain.
+        try:
+            core = self._core
+            if core is None or self._pid != os.getpid():
+                return
+            if self._is_owner() and core.mm is not None:
+                core.set_status(L.STATUS_CLOSING)
+                core.wake_flusher()
+        except Exception:
+            pass
+
+    # -- appending -----------------------------------------------------------------
+
+    def append(self, data: Any, *, timeout: float | None = None) -> None:
+        """Append one record: *data* is any C-contiguous bytes-like object.
+
+        Copies *data* into shared memory and returns; the flusher writes it to the
+        file later (``sync()`` waits for that).  Zero-length records are allowed.
+        Blocks while every buffer is full, at most *timeout* seconds (``None``:
+        no limit) and raises :class:`RingTimeoutError` after that.
+
+        Raises :class:`TypeError` for non-bytes-like input,
+        :class:`RecordTooLargeError` for a record larger than ``max_record``,
+        :class:`RingClosedError` and :class:`RingBrokenError` as their names say.
+        """
+        if type(data) is bytes:
+            n = len(data)
+        else:
+            data = _as_bytes(data)
+            n = data.nbytes
+        size = _HDR + ((n + 7) & -8)
+        try:
+            slot: _ThreadSlot = self._tls.slot
+        except AttributeError:
+            slot = self._slot()
+        words = self._words
+        if words[self._status_w] or size > self._faa_limit:
+            self._append_slow(slot, data, n, size, timeout)
+            return
+        state_addr = self._state_addr
+        lane_w = slot.lane_w
+        capacity = self._capacity
+        fetch_add = _atomic.fetch_add
+        while True:
+            lane_word = words[lane_w]
+            i = lane_word & _INDEX_MASK
+            addr = state_addr[i]
+            old = fetch_add(addr, (size << 32) | _WRITER_ONE, 5)
+            off = old >> 32
+            if not old & _SEALED and off + size <= capacity:
+                at = self._records_at[i] + off
+                if words[self._fill_w[i]] == lane_word >> _FILL_SHIFT:
+                    self._pack(self._view, at, n, _KIND_DATA, _MARK)
+                    self._view[at + _HDR : at + _HDR + n] = data
+                    prev = _atomic.fetch_sub(addr, _WRITER_ONE, 5)
+                    if prev & _HANDOFF_MASK == _HANDOFF:
+                        self._live_core().wake_flusher()
+                    self._records += 1
+                    self._bytes += n
+                    return
+                self._stale_claim(slot, i, at, size, lane_word)
+                continue
+            self._claim_failed(slot, i, old, lane_word, timeout)
+
+    def _stale_claim(self, slot: _ThreadSlot, i: int, at: int, size: int, lane_word: int) -> None:
+        # We read the lane word, and the buffer was recycled into another lane's fill
+        # before our claim landed.  Writing there could reorder our records (I8):
+        # give the range up as an abandoned record and move the lane on.
+        core = self._live_core()
+        core.abandon(at, size)
+        core.release(i)
+        self._abandoned += 1
+        core.rotate(slot.lane, lane_word)
+
+    def _claim_failed(
+        self, slot: _ThreadSlot, i: int, old: int, lane_word: int, timeout: float | None
+    ) -> None:
+        core = self._live_core()
+        off = old >> 32
+        if not old & _SEALED and off <= core.capacity:
+            core.close_crossing(i, off)  # we crossed capacity: we close the fill
+        else:
+            core.release(i)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._waits += core.advance(slot.lane, lane_word, deadline)
+
+    def _append_slow(
+        self, slot: _ThreadSlot, data: Any, n: int, size: int, timeout: float | None
+    ) -> None:
+        at, i = self._claim(slot, n, size, timeout)
+        try:
+            self._pack(self._view, at, n, _KIND_DATA, _MARK)
+            self._view[at + _HDR : at + _HDR + n] = data
+        finally:
+            self._live_core().release(i)
+        self._records += 1
+        self._bytes += n
+
+    def _claim(
+        self, slot: _ThreadSlot, n: int, size: int, timeout: float | None
+    ) -> tuple[int, int]:
+        """Claim *size* bytes; returns (byte offset of the record, buffer index).
+
+        The caller holds one writer count on the buffer and must release it.
+        """
+        core = self._live_core()
+        if n > core.max_record:
+            raise RecordTooLargeError(
+                f"record of {n} bytes does not fit in a buffer of ring {self.name!r} "
+                f"(max_record is {core.max_record} bytes for buffer_size "
+                f"{core.geometry.buffer_size})"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        words = self._words
+        lane_w = slot.lane_w
+        while True:
+            core.check_status()
+            lane_word = words[lane_w]
+            i = lane_word & _INDEX_MASK
+            if i >= core.geometry.buffers:
+                raise ShmflushError(f"ring {self.name!r}: corrupt lane word {lane_word:#x}")
+            if size > core.faa_limit:
+                off = core.claim_large(i, size)
+                if off < 0:
+                    self._waits += core.advance(slot.lane, lane_word, deadline)
+                    continue
+            else:
+                old = _atomic.fetch_add(core.state_addr[i], L.claim_delta(size), 5)
+                off = old >> 32
+                if old & _SEALED or off + size > core.capacity:
+                    if not old & _SEALED and off <= core.capacity:
+                        core.close_crossing(i, off)
+                    else:
+                        core.release(i)
+                    self._waits += core.advance(slot.lane, lane_word, deadline)
+                    continue
+            at = core.records_at[i] + off
+            if words[core.fill_w[i]] != lane_word >> _FILL_SHIFT:
+                self._stale_claim(slot, i, at, size, lane_word)
+                continue
+            return at, i
+
+    def append_many(self, records: Iterable[Any], *, timeout: float | None = None) -> int:
+        """Append each of *records* in order; returns how many were appended.
+
+        Same guarantees and errors as :meth:`append`, per record.  If a record
+        raises, the ones before it are appended and the rest are not.
+        """
+        count = 0
+        append = self.append
+        for record in records:
+            append(record, timeout=timeout)
+            count += 1
+        return count
+
+    @contextmanager
+    def reserve(self, n: int, *, timeout: float | None = None) -> Iterator[memoryview]:
+        """Claim *n* bytes and yield a writable memoryview of exactly them.
+
+        Zero-copy: the view is the record's place in shared memory.  On normal exit
+        the record is committed as it stands; if the block raises, the range
+        becomes an abandoned record that readers skip, and the exception
+        propagates.  The view is released on exit.  Keep the block short: the
+        buffer cannot be flushed while a reservation in it is open.
+        """
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"reserve() size must be an int, not {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"reserve() size must be >= 0, got {n}")
+        slot = self._slot()
+        size = _HDR + ((n + 7) & -8)
+        if n <= self._max_record:
+            self._live_core().check_status()
+        at, i = self._claim(slot, n, size, timeout)
+        core = self._live_core()
+        self._pack(self._view, at, n, _KIND_DATA, _MARK)
+        view = self._view[at + _HDR : at + _HDR + n]
+        try:
+            yield view
+        except BaseException:
+            core.abandon(at, size)
+            self._abandoned += 1
+            raise
+        else:
+            self._records += 1
+            self._bytes += n
+        finally:
+            view.release()
+            core.release(i)
+
+    # -- durability ----------------------------------------------------------------
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Return once every record this process appended before the call is in the
+        file, to the ring's sync level ("data": fdatasync'd; "none": written).
+
+        Seals partly filled buffers to get there, so it also pushes out other
+        processes' records.  Raises :class:`RingTimeoutError` after *timeout*
+        seconds and :class:`RingBrokenError` if the flusher cannot write.
+        """
+        core = self._live_core()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting: list[tuple[int, int]] = []
+        for i in range(core.geometry.buffers):
+            st = core.state(i)
+            fill = core.words[core.fill_w[i]]
+            if st & (L.IDLE | L.RESERVED):
+                continue
+            if not st & L.SEALED:
+                if not st >> 32:
+                    continue  # open and empty: none of our records is in it
+                core.seal(i)
+            waiting.append((i, fill))
+        core.wake_flusher()
+        nap = 50e-6
+        while waiting:
+            status = core.status()
+            if status & L.STATUS_BROKEN:
+                raise core.broken_error()
+            waiting = [
+                (i, fill)
+                for i, fill in waiting
+                if core.words[core.fill_w[i]] == fill and not core.state(i) & L.IDLE
+            ]
+            if not waiting:
+                return
+            if status & L.STATUS_FLUSHER_DONE or not core.flusher_alive():
+                raise RingBrokenError(f"ring {self.name!r}: the flusher stopped before sync")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RingTimeoutError(
+                    f"ring {self.name!r}: {len(waiting)} buffers not durable within {timeout} s"
+                )
+            time.sleep(nap)
+            nap = min(nap * 2, 5e-3)
+
+    def stats(self) -> Stats:
+        """A snapshot of this ring's counters (see :class:`Stats`)."""
+        core = self._live_core()
+        g = core.geometry
+        return Stats(
+            name=self.name,
+            records=self._records,
+            bytes=self._bytes,
+            waits=self._waits,
+            abandoned=self._abandoned,
+            buffers_flushed=core.header(L.H_BUFFERS_FLUSHED),
+            bytes_written=core.header(L.H_BYTES_WRITTEN),
+            syncs=core.header(L.H_SYNCS),
+            direct_io=core.header(L.H_DIRECT_IO) == L.DIRECT_ON,
+            flusher_pid=core.header(L.H_FLUSHER_PID),
+            buffer_size=g.buffer_size,
+            buffers=g.buffers,
+            lanes=g.lanes,
+            broken=bool(core.status() & L.STATUS_BROKEN),
+        )
+
+    @property
+    def max_record(self) -> int:
+        """The largest payload, in bytes, that one record may carry."""
+        return self._max_record
+
+
+def _as_bytes(data: Any) -> memoryview:
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(
+            f"a record must be a bytes-like object (bytes, bytearray, memoryview, numpy "
+            f"array), not {type(data).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise ValueError(
+            "a record must be C-contiguous; copy it first (bytes(x) or np.ascontiguousarray)"
+        )
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _default_lanes(buffers: int) -> int:
+    return max(1, min(buffers // 2, (os.cpu_count() or 1) // 2, 16))
+
+
+def create(
+    name: str,
+    path: str | os.PathLike[str],
+    buffer_size: int = 1 << 20,
+    buffers: int = 8,
+    *,
+    lanes: int | None = None,
+    flush_interval: float = 0.01,
+    sync: str = "data",
+    mode: int = 0o600,
+    exist_ok: bool = False,
+    max_writers: int = 1024,
+) -> Ring:
+    """Create ring *name* appending to the file at *path*, and start its flusher.
+
+    The calling process becomes the owner: its :meth:`Ring.close` drains and
+    removes the ring.  An existing file is appended to, after its last complete
+    segment (a torn tail left by a crash is cut off).
+
+    * *buffer_size*: bytes per buffer, a multiple of 4096; a record may be up to
+      ``buffer_size - 72`` bytes.
+    * *buffers*: how many buffers; writers block when all are full.
+    * *lanes*: how many buffers are open at once; each writer thread sticks to one
+      lane (default: half the CPUs, at most ``buffers // 2``).
+    * *flush_interval*: seconds after which a partly filled buffer is flushed.
+    * *sync*: ``"data"`` (fdatasync after each batch of writes: a record is durable
+      once ``sync()`` or the owner's ``close()`` returns) or ``"none"`` (written,
+      but left to the OS to make durable).
+    * *mode*: permission bits of the shared memory and semaphores.
+    * *exist_ok*: replace a ring of that name left behind by a dead owner.
+    * *max_writers*: how many threads, across all processes, may append at once.
+
+    Raises :class:`RingExistsError`, :class:`ValueError`/:class:`TypeError` for bad
+    arguments, :class:`OSError` if the file cannot be opened, and
+    :class:`ShmflushError` if the file is in use by another ring.
+    """
+    L.check_name(name)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    path = os.fspath(path)
+    if lanes is None:
+        lanes = _default_lanes(buffers) if isinstance(buffers, int) else 1
+    geometry = L.Geometry(buffer_size, buffers, lanes, max_writers)
+    if not isinstance(flush_interval, (int, float)) or not (
+        math.isfinite(flush_interval) and 0.0005 <= flush_interval <= 3600
+    ):
+        raise ValueError(
+            f"flush_interval must be between 0.0005 and 3600 s, got {flush_interval!r}"
+        )
+    if sync not in L.SYNC_LEVELS:
+        raise ValueError(f"sync must be one of {sorted(L.SYNC_LEVELS)}, got {sync!r}")
+    if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+    if exist_ok:
+        _remove_dead_ring(name)
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    core: _Core | None = None
+    ring: Ring | None = None
+    try:
+        try:
+            # The flusher inherits this open file description, and with it the lock:
+            # a second ring on the same file would interleave segments at the same
+            # addresses.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShmflushError(f"{path} is in use by another shmflush ring") from None
+        address, next_seq = find_append_point(fd)
+        if os.fstat(fd).st_size > address:
+            os.ftruncate(fd, address)  # cut a torn or zero tail; it holds no valid segment
+        mm = L.create_segment(name, geometry.total_size, mode, exist_ok=False)
+        view = memoryview(mm)
+        try:
+            L.init_header(
+                view,
+                geometry,
+                sync=L.SYNC_LEVELS[sync],
+                flush_interval_ns=int(flush_interval * 1e9),
+                owner=os.getpid(),
+                owner_start=_proc.start_time(os.getpid()),
+                next_address=address,
+                next_seq=next_seq,
+            )
+        finally:
+            view.release()
+        core = _Core(name, mm, geometry)
+        core.create_semaphores(mode)
+        ring = Ring(core, owner=True)
+        ring._flusher = _start_flusher(name, fd)
+        core.set_header(L.H_FLUSHER_PID, ring._flusher.pid)
+        _wait_for_flusher(ring, core, path)
+    except BaseException:
+        if ring is not None and ring._flusher is not None:
+            ring._flusher.kill()
+            ring._flusher.wait()
+        if core is not None:
+            core.unmap()
+        L.unlink_segment(name) if core is not None else None
+        raise
+    finally:
+        os.close(fd)
+    _owned.add(ring)
+    return ring
+
+
+def _remove_dead_ring(name: str) -> None:
+    try:
+        core = attach_ring(name)
+    except ShmflushError:
+        L.unlink_segment(name)  # missing, half-made or corrupt: nothing to keep
+        return
+    try:
+        owner = core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START)
+        if _proc.is_alive(*owner):
+            from ._errors import RingExistsError  # noqa: PLC0415
+
+            raise RingExistsError(name)
+    finally:
+        core.unmap()
+    L.unlink_segment(name)
+
+
+def _start_flusher(name: str, fd: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    # The flusher imports this very package, even when it is not installed.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(
+        [sys.executable, "-m", "shmflush", "flusher", name, "--fd", str(fd)],
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        env=env,
+        # Its own session: a terminal's Ctrl-C or hang-up must not kill the flusher
+        # while the owner is still draining through it.
+        start_new_session=True,
+    )
+
+
+def _wait_for_flusher(ring: Ring, core: _Core, path: str) -> None:
+    flusher = ring._flusher
+    assert flusher is not None
+    deadline = time.monotonic() + _FLUSHER_START_TIMEOUT
+    while core.header(L.H_DIRECT_IO) == L.DIRECT_UNKNOWN:
+        if core.status() & L.STATUS_FLUSHER_DONE or flusher.poll() is not None:
+            errno = core.header(L.H_ERROR_ERRNO)
+            detail = f": [Errno {errno}] {os.strerror(errno)}" if errno else ""
+            raise ShmflushError(f"the flusher for {path} failed to start{detail}")
+        if time.monotonic() > deadline:
+            raise RingTimeoutError(f"the flusher did not start within {_FLUSHER_START_TIMEOUT} s")
+        time.sleep(0.002)
+    if core.header(L.H_DIRECT_IO) == L.DIRECT_OFF:
+        warnings.warn(
+            f"O_DIRECT is not supported by the file system of {path}; falling back to "
+            "buffered writes plus fdatasync",
+            DirectIOWarning,
+            stacklevel=3,
+        )
+
+
+def attach(name: str) -> Ring:
+    """Attach to the existing ring *name* (created by :func:`create` in any process
+    of this host, as the same user).
+
+    Raises :class:`RingNotFoundError` if there is no such ring,
+    :class:`CorruptRingError` if the shared memory is not a valid ring, and
+    :class:`PermissionError` if it belongs to another user.
+    """
+    L.check_name(name)
+    return Ring(attach_ring(name))
+
+
+_owned: weakref.WeakSet[Ring] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_owned_rings() -> None:
+    # An owner that exits without close() would leave its records in shared memory;
+    # drain them like multiprocessing joins its children at exit.
+    for ring in list(_owned):
+        if ring._is_owner():
+            try:
+                ring.close()
+            except ShmflushError as exc:
+                print(f"shmflush: closing ring {ring.name!r} at exit: {exc}", file=sys.stderr)

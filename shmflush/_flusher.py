@@ -1,0 +1,283 @@
+"""Layer 3: the flusher process.
+
+One flusher per ring writes closed fills to the file, straight from shared memory,
+at the address each fill got when it was closed.  It runs as its own process
+(``python -m shmflush flusher NAME --fd N``), started by the ring's owner, which
+hands it the already locked and scanned file descriptor.
+
+One pass of the loop:
+
+1. seal fills that stayed open and non-empty for ``flush_interval`` (or all fills,
+   when the owner is closing), so quiet writers still reach the disk;
+2. take every fill that is SEALED|CLOSED with no writer (compare-and-swap in
+   FLUSHING: a fill is taken once);
+3. ``pwrite(2)`` each taken fill at its address, in address order, after writing
+   its segment header into the buffer (CRC over the records);
+4. ``fdatasync(2)`` once for the whole batch when the sync level is "data"
+   (group commit);
+5. zero the written part of each buffer and mark it IDLE (invariant I4: reuse only
+   after the write is as durable as the sync level promises), then wake writers
+   waiting for space.
+
+A failed write is kept, with its errno, in shared memory: writers see the ring as
+broken on their next append or sync, and the flusher retries the same buffers
+with a growing pause, so nothing is dropped while the disk is full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno as E
+import fcntl
+import os
+import signal
+import sys
+import time
+
+import posix_ipc
+
+from . import _format, _proc
+from . import _layout as L
+from ._atomic import compare_exchange as _cas
+from ._ring import Ring, attach_ring
+
+_READY = L.SEALED | L.CLOSED
+
+
+class Flusher:
+    def __init__(self, ring: Ring, fd: int) -> None:
+        self.ring = ring
+        self.fd = fd
+        self.direct = False
+        self.sync_data = ring.header(L.H_SYNC) == L.SYNC_LEVELS["data"]
+        self.interval = ring.header(L.H_FLUSH_INTERVAL_NS) / 1e9
+        self.pending: list[int] = []  # taken (FLUSHING) but not yet durable
+        self.retry_at = 0.0
+        self.retry_pause = 0.05
+        # buffer -> (fill number, when first seen open and non-empty)
+        self.first_seen: dict[int, tuple[int, float]] = {}
+
+    # -- file ----------------------------------------------------------------
+
+    def enable_direct_io(self) -> None:
+        """Switch the inherited descriptor to O_DIRECT, if the file system allows.
+
+        O_DIRECT skips the page cache: buffers go from shared memory to the device.
+        tmpfs before Linux 6.6, ramfs and some FUSE file systems refuse it with
+        EINVAL; then we write through the page cache and rely on fdatasync.
+        """
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != E.EINVAL:
+                raise
+            self.set_direct(False)
+        else:
+            self.set_direct(True)
+
+    def set_direct(self, on: bool) -> None:
+        self.direct = on
+        self.ring.set_header(L.H_DIRECT_IO, L.DIRECT_ON if on else L.DIRECT_OFF)
+
+    def write_fill(self, i: int) -> int:
+        """Write buffer *i*'s closed fill at its address; returns bytes written."""
+        ring = self.ring
+        words = ring.words
+        used = words[ring.used_w[i]]
+        if not used:
+            return 0
+        if used > ring.capacity:
+            raise ValueError(f"buffer {i}: used length {used} exceeds capacity")
+        address = words[ring.address_w[i]]
+        start = ring.buffer_at[i]
+        _format.write_segment_header(
+            ring.view, start, used=used, seq=words[ring.seq_w[i]], address=address
+        )
+        size = _format.segment_size(used)
+        chunk = ring.view[start : start + size]
+        try:
+            done = 0
+            while done < size:
+                try:
+                    n = os.pwrite(self.fd, chunk[done:], address + done)
+                except OSError as exc:
+                    # Some file systems accept O_DIRECT at fcntl time and refuse it
+                    # at write time; fall back once, then retry the same bytes.
+                    if exc.errno == E.EINVAL and self.direct:
+                        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+                        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                        self.set_direct(False)
+                        print(
+                            f"shmflush: O_DIRECT refused on write ({exc.strerror}); "
+                            "falling back to buffered writes plus fdatasync",
+                            file=sys.stderr,
+                        )
+                        continue
+                    raise
+                if n <= 0:
+                    raise OSError(E.EIO, "pwrite wrote nothing")
+                done += n
+        finally:
+            chunk.release()
+        return size
+
+    # -- buffers ---------------------------------------------------------------
+
+    def reset(self, i: int) -> None:
+        """Zero the written part of buffer *i* and make it IDLE.
+
+        Zeroing before reuse keeps padding free of stale records (the Rust crate's
+        stale-padding bug) and is what lets a crash-time scan trust zeros.
+        """
+        ring = self.ring
+        used = ring.words[ring.used_w[i]]
+        size = _format.segment_size(min(used, ring.capacity))
+        ctypes.memset(ring.base + ring.buffer_at[i], 0, size)
+        addr = ring.state_addr[i]
+        st = ring.state(i)
+        while True:
+            # Keep writer counts: rejected stale claims will release them.
+            new = (st & L.WRITER_MASK) | L.IDLE | L.SEALED
+            ok, st = _cas(addr, st, new)
+            if ok:
+                return
+
+    def seal_due(self, now: float, closing: bool) -> None:
+        ring = self.ring
+        for i in range(ring.geometry.buffers):
+            st = ring.state(i)
+            if st & L.SEALED:
+                self.first_seen.pop(i, None)
+                continue
+            if closing:
+                ring.seal(i)
+                continue
+            if not st >> L.OFFSET_SHIFT:
+                continue
+            fill = ring.words[ring.fill_w[i]]
+            seen = self.first_seen.get(i)
+            if seen is None or seen[0] != fill:
+                self.first_seen[i] = (fill, now)
+            elif now - seen[1] >= self.interval:
+                ring.seal(i)
+                self.first_seen.pop(i, None)
+
+    def take_ready(self) -> None:
+        ring = self.ring
+        for i in range(ring.geometry.buffers):
+            st = ring.state(i)
+            if (st & (_READY | L.FLUSHING)) == _READY and not st & L.WRITER_MASK:
+                ok, _ = _cas(ring.state_addr[i], st, st | L.FLUSHING)
+                if ok:
+                    self.pending.append(i)
+
+    def flush_pending(self, now: float) -> None:
+        ring = self.ring
+        if not self.pending or now < self.retry_at:
+            return
+        self.pending.sort(key=lambda i: ring.words[ring.address_w[i]])
+        written = 0
+        done: list[int] = []
+        try:
+            for i in self.pending:
+                written += self.write_fill(i)
+                done.append(i)
+            if written and self.sync_data:
+                os.fdatasync(self.fd)
+                ring.set_header(L.H_SYNCS, ring.header(L.H_SYNCS) + 1)
+        except OSError as exc:
+            failed = self.pending[len(done)] if len(done) < len(self.pending) else -1
+            ring.set_header(L.H_ERROR_ERRNO, exc.errno or E.EIO)
+            ring.set_header(L.H_ERROR_BUFFER, failed)
+            ring.set_status(L.STATUS_BROKEN)
+            # Nothing of this batch is known durable (fsync after a failed write is
+            # no promise), so every taken buffer stays pending and is rewritten.
+            self.retry_at = now + self.retry_pause
+            self.retry_pause = min(self.retry_pause * 2, 1.0)
+            return
+        for i in self.pending:
+            self.reset(i)
+        ring.set_header(L.H_BUFFERS_FLUSHED, ring.header(L.H_BUFFERS_FLUSHED) + len(done))
+        ring.set_header(L.H_BYTES_WRITTEN, ring.header(L.H_BYTES_WRITTEN) + written)
+        self.pending.clear()
+        self.retry_pause = 0.05
+        ring.post_space()
+
+    def all_idle(self) -> bool:
+        ring = self.ring
+        return not self.pending and all(
+            ring.state(i) & L.IDLE for i in range(ring.geometry.buffers)
+        )
+
+    # -- main loop -----------------------------------------------------------------
+
+    def run(self, give_up_after: float = 30.0) -> int:
+        """Flush until the owner closes the ring (or dies); returns an exit status."""
+        ring = self.ring
+        sem = ring.flush_sem
+        assert sem is not None
+        owner = ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)
+        wait = min(max(self.interval / 2, 0.001), 0.05)
+        next_owner_check = 0.0
+        closing_since = 0.0
+        while True:
+            with contextlib.suppress(posix_ipc.BusyError):
+                sem.acquire(wait)
+            now = time.monotonic()
+            ring.set_header(L.H_HEARTBEAT_NS, time.monotonic_ns())
+            if now >= next_owner_check:
+                next_owner_check = now + 0.25
+                if not _proc.is_alive(*owner) and not ring.status() & L.STATUS_CLOSING:
+                    # The owner died without close(): drain what is committed, then
+                    # stop, and tell writers why instead of letting them hang.
+                    ring.set_status(L.STATUS_CLOSING | L.STATUS_BROKEN)
+            closing = bool(ring.status() & L.STATUS_CLOSING)
+            self.seal_due(now, closing)
+            self.take_ready()
+            self.flush_pending(now)
+            if closing:
+                if not closing_since:
+                    closing_since = now
+                if self.all_idle():
+                    ring.set_status(L.STATUS_FLUSHER_DONE)
+                    return 0
+                if now - closing_since > give_up_after:
+                    # A writer that never releases its claim, or a disk that stays
+                    # full: report instead of hanging the owner's close().
+                    ring.set_status(L.STATUS_FLUSHER_DONE)
+                    return 1
+                wait = 0.001
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shmflush flusher")
+    parser.add_argument("name")
+    parser.add_argument("--fd", type=int, required=True, help="inherited, locked file")
+    args = parser.parse_args(argv)
+    # Ctrl-C in a terminal goes to the whole foreground process group; the owner
+    # handles it by closing the ring, which needs the flusher alive to drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ring = attach_ring(args.name)
+    try:
+        ring.set_header(L.H_FLUSHER_START, _proc.start_time(os.getpid()))
+        ring.set_header(L.H_FLUSHER_PID, os.getpid())
+        flusher = Flusher(ring, args.fd)
+        try:
+            flusher.enable_direct_io()
+        except OSError as exc:
+            ring.set_header(L.H_ERROR_ERRNO, exc.errno or E.EIO)
+            ring.set_status(L.STATUS_BROKEN | L.STATUS_FLUSHER_DONE)
+            return 1
+        status = flusher.run()
+        if ring.status() & L.STATUS_BROKEN and not _proc.is_alive(
+            ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)
+        ):
+            # Nobody else will unlink it: the owner is gone.
+            L.unlink_segment(args.name)
+        return status
+    finally:
+        os.close(args.fd)
+        ring.unmap()

@@ -1,0 +1,449 @@
+"""Layer 1: the shared-memory layout.  Every offset and bit field lives here.
+
+One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
+
+    offset                       size            contents
+    0                            512             header (fields below, u64 each)
+      0     magic  b"SHMFLRNG"
+      8     layout version
+      16    total size of the object          -+
+      24    buffer_size                         |  parameters, written once by
+      32    buffers                             |  the creator before anybody
+      40    lanes                               |  can attach, validated by
+      48    max_writers (lease slots)           |  every attach
+      56    sync level (0 none, 1 data)         |
+      64    flush_interval in ns               -+
+      72    owner pid        80  owner start time (clock ticks)
+      128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
+      192   status        200 error errno   208 error buffer   216 waiters
+      256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
+      280   direct_io     288 buffers flushed 296 bytes written 304 syncs
+    512                          64 * lanes      lane table: +0 lane word (below)
+    LANES_END                    64 * buffers    buffer descriptors (below)
+    DESC_END                     64 * max_writers lease slots (below)
+    DATA (4096-aligned)          buffer_size * buffers   the buffers
+
+Every lane and descriptor owns a 64-byte cache line, so writers on different lanes
+never contend on one line, and the flusher's scans do not disturb the state words
+more than it must.
+
+Buffer descriptor (64 bytes)::
+
+    +0  state     packed state word, see below (atomic)
+    +8  used      bytes of records in the closed fill (written by the closer)
+    +16 address   file offset of the closed fill (written by the closer)
+    +24 seq       seal sequence number of the closed fill
+    +32 fill      fill number, unique per opening (written before opening)
+
+State word (64 bits)::
+
+    63 .. 32   offset   bytes claimed in the record area (may overshoot, see _ring)
+    31 ..  8   writers  claims in progress
+     7 ..  5   unused
+     4         RESERVED  picked by a rotator, not yet open
+     3         IDLE      flushed and zeroed; free for the next fill
+     2         CLOSED    used/address/seq are stored: the fill's extent is final
+     1         FLUSHING  the flusher has taken the fill
+     0         SEALED    no claim may succeed
+
+Lane word (64 bits)::
+
+    63 .. 16   fill number of the fill installed in the lane
+    15 ..  0   buffer index
+
+Packing both in one word lets a writer learn, with one load, *which fill* it means
+to claim in; after its claim it compares that with the descriptor's fill number to
+detect a stale read (see _ring).
+
+Lease slot (64 bytes)::
+
+    +0  pid (0 = free; taken with a compare-and-swap)   +8  process start time
+    +16 thread ident   +24 lane
+
+Inside a buffer, the first 64 bytes are the segment header of the file format
+(``_format``); records start after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Final
+
+import posix_ipc
+
+from . import _format
+from ._errors import CorruptRingError, RingExistsError, RingNotFoundError
+
+PAGE: Final = 4096
+LINE: Final = 64
+
+MAGIC: Final = b"SHMFLRNG"
+LAYOUT_VERSION: Final = 1
+
+# Header fields: byte offsets of u64 words.
+H_MAGIC: Final = 0
+H_VERSION: Final = 8
+H_TOTAL_SIZE: Final = 16
+H_BUFFER_SIZE: Final = 24
+H_BUFFERS: Final = 32
+H_LANES: Final = 40
+H_MAX_WRITERS: Final = 48
+H_SYNC: Final = 56
+H_FLUSH_INTERVAL_NS: Final = 64
+H_OWNER_PID: Final = 72
+H_OWNER_START: Final = 80
+H_NEXT_ADDRESS: Final = 128
+H_NEXT_SEQ: Final = 136
+H_FILL_COUNTER: Final = 144
+H_STATUS: Final = 192
+H_ERROR_ERRNO: Final = 200
+H_ERROR_BUFFER: Final = 208
+H_WAITERS: Final = 216
+H_FLUSHER_PID: Final = 256
+H_FLUSHER_START: Final = 264
+H_HEARTBEAT_NS: Final = 272
+H_DIRECT_IO: Final = 280
+H_BUFFERS_FLUSHED: Final = 288
+H_BYTES_WRITTEN: Final = 296
+H_SYNCS: Final = 304
+HEADER_SIZE: Final = 512
+
+# Status bits (H_STATUS).
+STATUS_CLOSING: Final = 1 << 0  # the owner is closing: no new fills, drain and stop
+STATUS_BROKEN: Final = 1 << 1  # the flusher hit an error it cannot get past
+STATUS_FLUSHER_DONE: Final = 1 << 2  # the flusher drained everything and exited
+
+# H_DIRECT_IO values.
+DIRECT_UNKNOWN: Final = 0
+DIRECT_ON: Final = 1
+DIRECT_OFF: Final = 2
+
+SYNC_LEVELS: Final = {"none": 0, "data": 1}
+
+# Descriptor fields.
+D_STATE: Final = 0
+D_USED: Final = 8
+D_ADDRESS: Final = 16
+D_SEQ: Final = 24
+D_FILL: Final = 32
+
+# Lane word.
+LANE_INDEX_MASK: Final = 0xFFFF
+LANE_FILL_SHIFT: Final = 16
+
+
+def lane_word(fill: int, index: int) -> int:
+    return (fill << LANE_FILL_SHIFT) | index
+
+
+# Lease fields.
+L_PID: Final = 0
+L_START: Final = 8
+L_TID: Final = 16
+L_LANE: Final = 24
+
+# State word.
+SEALED: Final = 1 << 0
+FLUSHING: Final = 1 << 1
+CLOSED: Final = 1 << 2
+IDLE: Final = 1 << 3
+RESERVED: Final = 1 << 4
+FLAG_MASK: Final = 0xFF
+WRITER_SHIFT: Final = 8
+WRITER_ONE: Final = 1 << WRITER_SHIFT
+WRITER_MASK: Final = 0xFFFFFF << WRITER_SHIFT
+OFFSET_SHIFT: Final = 32
+OFFSET_MASK: Final = 0xFFFFFFFF << OFFSET_SHIFT
+WORD_MASK: Final = (1 << 64) - 1
+
+# Parameter limits.
+MIN_BUFFER_SIZE: Final = PAGE
+MAX_BUFFER_SIZE: Final = 1 << 30  # the offset field is 32 bits; see _ring's overshoot bound
+MAX_BUFFERS: Final = 1 << 16
+MAX_WRITERS: Final = 1 << 16
+
+
+def writers(state: int) -> int:
+    return (state & WRITER_MASK) >> WRITER_SHIFT
+
+
+def offset(state: int) -> int:
+    return state >> OFFSET_SHIFT
+
+
+def claim_delta(size: int) -> int:
+    """What a claim of *size* bytes adds to a state word: offset and writer count
+    move together in one fetch-and-add."""
+    return (size << OFFSET_SHIFT) | WRITER_ONE
+
+
+def pack_state(off: int, nwriters: int, flags: int) -> int:
+    return (off << OFFSET_SHIFT) | (nwriters << WRITER_SHIFT) | flags
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """The ring's parameters and every offset derived from them."""
+
+    buffer_size: int
+    buffers: int
+    lanes: int
+    max_writers: int
+
+    def __post_init__(self) -> None:
+        check_geometry(self.buffer_size, self.buffers, self.lanes, self.max_writers)
+
+    @property
+    def lanes_offset(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def descriptors_offset(self) -> int:
+        return HEADER_SIZE + LINE * self.lanes
+
+    @property
+    def leases_offset(self) -> int:
+        return self.descriptors_offset + LINE * self.buffers
+
+    @property
+    def data_offset(self) -> int:
+        end = self.leases_offset + LINE * self.max_writers
+        return (end + PAGE - 1) // PAGE * PAGE
+
+    @property
+    def total_size(self) -> int:
+        return self.data_offset + self.buffer_size * self.buffers
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of the record area in one buffer (after the segment header)."""
+        return self.buffer_size - _format.SEGMENT_HEADER_SIZE
+
+    @property
+    def max_record(self) -> int:
+        """The largest payload one record may carry."""
+        return self.capacity - _format.RECORD_HEADER_SIZE
+
+    def lane(self, i: int) -> int:
+        return self.lanes_offset + LINE * i
+
+    def descriptor(self, i: int) -> int:
+        return self.descriptors_offset + LINE * i
+
+    def lease(self, i: int) -> int:
+        return self.leases_offset + LINE * i
+
+    def buffer(self, i: int) -> int:
+        return self.data_offset + self.buffer_size * i
+
+
+def check_geometry(buffer_size: int, buffers: int, lanes: int, max_writers: int) -> None:
+    """Raise ValueError/TypeError naming the parameter that is out of range."""
+    for pname, value in (
+        ("buffer_size", buffer_size),
+        ("buffers", buffers),
+        ("lanes", lanes),
+        ("max_writers", max_writers),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{pname} must be an int, not {type(value).__name__}")
+    if not (MIN_BUFFER_SIZE <= buffer_size <= MAX_BUFFER_SIZE) or buffer_size % PAGE:
+        raise ValueError(
+            f"buffer_size must be a multiple of {PAGE} between {MIN_BUFFER_SIZE} and "
+            f"{MAX_BUFFER_SIZE}, got {buffer_size}"
+        )
+    if not 2 <= buffers <= MAX_BUFFERS:
+        raise ValueError(f"buffers must be between 2 and {MAX_BUFFERS}, got {buffers}")
+    if not 1 <= lanes < buffers:
+        raise ValueError(
+            f"lanes must be between 1 and buffers - 1 = {buffers - 1} (each lane holds one "
+            f"open buffer and the flusher needs one more), got {lanes}"
+        )
+    if not 1 <= max_writers <= MAX_WRITERS:
+        raise ValueError(f"max_writers must be between 1 and {MAX_WRITERS}, got {max_writers}")
+
+
+def read_geometry(view: memoryview, actual_size: int, name: str) -> Geometry:
+    """Validate a mapped header and return its geometry.
+
+    Shared memory is untrusted input: any process with access could have scribbled
+    on it.  Everything later code indexes with is checked here, so a corrupted
+    segment yields CorruptRingError rather than an out-of-bounds access.
+    """
+    if actual_size < HEADER_SIZE:
+        raise CorruptRingError(f"ring {name!r}: segment of {actual_size} bytes is too small")
+    if bytes(view[H_MAGIC : H_MAGIC + 8]) != MAGIC:
+        raise CorruptRingError(f"ring {name!r}: bad magic; not a shmflush ring")
+    words = view[:HEADER_SIZE].cast("Q")
+    version = words[H_VERSION // 8]
+    if version != LAYOUT_VERSION:
+        raise CorruptRingError(
+            f"ring {name!r}: layout version {version}, this shmflush understands {LAYOUT_VERSION}"
+        )
+    try:
+        geometry = Geometry(
+            buffer_size=words[H_BUFFER_SIZE // 8],
+            buffers=words[H_BUFFERS // 8],
+            lanes=words[H_LANES // 8],
+            max_writers=words[H_MAX_WRITERS // 8],
+        )
+    except ValueError as exc:
+        raise CorruptRingError(f"ring {name!r}: corrupt header: {exc}") from None
+    finally:
+        words.release()
+    recorded = int.from_bytes(view[H_TOTAL_SIZE : H_TOTAL_SIZE + 8], "little")
+    if recorded != geometry.total_size or actual_size < geometry.total_size:
+        raise CorruptRingError(
+            f"ring {name!r}: header says {recorded} bytes, geometry needs "
+            f"{geometry.total_size}, segment has {actual_size}"
+        )
+    sync = int.from_bytes(view[H_SYNC : H_SYNC + 8], "little")
+    if sync not in SYNC_LEVELS.values():
+        raise CorruptRingError(f"ring {name!r}: unknown sync level {sync}")
+    return geometry
+
+
+def init_header(
+    view: memoryview,
+    geometry: Geometry,
+    *,
+    sync: int,
+    flush_interval_ns: int,
+    owner: int,
+    owner_start: int,
+    next_address: int,
+    next_seq: int,
+) -> None:
+    """Fill a fresh, zeroed segment.  Runs before any other process can see it.
+
+    Every buffer starts IDLE and SEALED (invariant I6: a buffer that is not
+    somebody's open fill rejects every claim), and lane i points at buffer i,
+    which is IDLE, so the first writer of a lane rotates it onto a fresh fill.
+    """
+    words = view.cast("Q")
+    try:
+        words[H_VERSION // 8] = LAYOUT_VERSION
+        words[H_TOTAL_SIZE // 8] = geometry.total_size
+        words[H_BUFFER_SIZE // 8] = geometry.buffer_size
+        words[H_BUFFERS // 8] = geometry.buffers
+        words[H_LANES // 8] = geometry.lanes
+        words[H_MAX_WRITERS // 8] = geometry.max_writers
+        words[H_SYNC // 8] = sync
+        words[H_FLUSH_INTERVAL_NS // 8] = flush_interval_ns
+        words[H_OWNER_PID // 8] = owner
+        words[H_OWNER_START // 8] = owner_start
+        words[H_NEXT_ADDRESS // 8] = next_address
+        words[H_NEXT_SEQ // 8] = next_seq
+        # Fill numbers start at 1, so fill 0 (the lanes' initial value) is never open.
+        words[H_FILL_COUNTER // 8] = 1
+        for i in range(geometry.buffers):
+            words[(geometry.descriptor(i) + D_STATE) // 8] = IDLE | SEALED
+        for i in range(geometry.lanes):
+            words[geometry.lane(i) // 8] = lane_word(0, i)
+    finally:
+        words.release()
+    # The magic goes last: a process that attaches early sees no magic and fails
+    # cleanly instead of reading half-written parameters.
+    view[H_MAGIC : H_MAGIC + 8] = MAGIC
+
+
+def shm_name(name: str) -> str:
+    return f"/shmflush.{name}"
+
+
+def semaphore_names(name: str) -> tuple[str, str]:
+    """(flusher wake-up, space available) semaphores of ring *name*."""
+    return f"/shmflush.{name}.flush", f"/shmflush.{name}.space"
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}")
+    if not name or len(name) > 200:
+        raise ValueError(f"name must be 1 to 200 characters, got {len(name)}")
+    bad = set(name) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+    if bad or name.startswith("."):
+        raise ValueError(
+            f"name may hold only letters, digits, '_', '-' and '.' (not first), got {name!r}"
+        )
+    return name
+
+
+def map_fd(fd: int, size: int) -> mmap.mmap:
+    """Map *size* bytes of the shared-memory object *fd* read-write and shared."""
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def create_segment(name: str, size: int, mode: int, exist_ok: bool) -> mmap.mmap:
+    """Create ``/shmflush.<name>`` of *size* zeroed bytes and map it.
+
+    With *exist_ok* an existing object of that name is unlinked first (processes
+    still attached to it keep their mapping; they no longer share it with us).
+    """
+    path = shm_name(name)
+    try:
+        shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=mode, size=size)
+    except posix_ipc.ExistentialError:
+        if not exist_ok:
+            raise RingExistsError(name) from None
+        unlink_segment(name)
+        shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=mode, size=size)
+    try:
+        # posix_ipc applies the umask to mode; shared memory is created 0o600 by
+        # default precisely so that the umask cannot widen it, and an explicit
+        # mode is honoured exactly.
+        os.fchmod(shm.fd, mode)
+        return map_fd(shm.fd, size)
+    except BaseException:
+        shm.close_fd()
+        posix_ipc.unlink_shared_memory(path)
+        raise
+    finally:
+        if shm.fd >= 0:
+            shm.close_fd()
+
+
+def open_segment(name: str) -> tuple[mmap.mmap, Geometry]:
+    """Map an existing ring and validate its header."""
+    try:
+        shm = posix_ipc.SharedMemory(shm_name(name))
+    except posix_ipc.ExistentialError:
+        raise RingNotFoundError(name) from None
+    except posix_ipc.PermissionsError as exc:
+        raise PermissionError(
+            f"no permission to attach to ring {name!r} (shared memory is created with "
+            f"mode 0o600 by default: only its owner's user may attach): {exc}"
+        ) from None
+    try:
+        size = os.fstat(shm.fd).st_size
+        if size < HEADER_SIZE:
+            raise CorruptRingError(f"ring {name!r}: segment of {size} bytes is too small")
+        mm = map_fd(shm.fd, size)
+    finally:
+        shm.close_fd()
+    view = memoryview(mm)
+    try:
+        geometry = read_geometry(view, size, name)
+    except BaseException:
+        view.release()
+        mm.close()
+        raise
+    view.release()
+    return mm, geometry
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove the shared-memory object and semaphores of ring *name*; True if the
+    object existed."""
+    found = True
+    try:
+        posix_ipc.unlink_shared_memory(shm_name(name))
+    except posix_ipc.ExistentialError:
+        found = False
+    for sem in semaphore_names(name):
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            posix_ipc.unlink_semaphore(sem)
+    return found

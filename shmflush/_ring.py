@@ -1,0 +1,477 @@
+"""Layer 2: the claim / seal / close / rotate protocol on a mapped ring.
+
+This is the LLAMA flush-buffer protocol (design notes section 2) adapted to
+processes.  The life of one *fill* of a buffer::
+
+    IDLE|SEALED --reserve--> RESERVED|SEALED --install in a lane, open--> open
+      ^                                                                    |
+      |                                                           seal (fetch_or)
+      |                                                                    v
+    reset (flusher, after the write is durable)  <--  FLUSHING  <--  SEALED|CLOSED
+                                                 take: writers == 0
+
+Claims.  A writer adds ``(size << 32) | 1 << 8`` to the state word: offset and
+writer count move together in one fetch-and-add, so every snapshot is
+self-consistent.  The claim succeeded iff the previous word was unsealed and the
+record fits.  Otherwise the claim failed, and exactly one of the failed claims is
+the *crossing* claim: the first whose previous offset was still within capacity.
+Offsets only grow while a fill is open, so the crossing claim is unique, and the
+fill's used length is its previous offset.
+
+Closing.  The party that fixes the used length *closes* the fill: it stores used
+length, file address and seal sequence, then sets CLOSED with an atomic RMW that
+publishes those plain stores.  The closer is the crossing writer, or whoever set
+SEALED while the offset was still within capacity (time-based seal, sync, close,
+a large claim that does not fit).  Those two cases exclude each other, so every
+fill is closed exactly once (I3), and its address is assigned before the flusher
+can take it, because the flusher only takes CLOSED fills (the Rust crate's stale
+address bug).
+
+Handing over.  The flusher takes a fill when it is SEALED|CLOSED with no writers.
+Whoever brings that about posts the flusher's semaphore; the flusher also scans,
+so a lost post costs latency, never data.
+
+Rotation.  A lane word holds (fill number, buffer index).  A lane moves on only
+once the fill it names is *done* (CLOSED or later).  Addresses are assigned at
+close, so every fill a lane opens later gets a later address: that gives I8.  A
+writer can read a lane word, be descheduled, and claim after the buffer was
+recycled into somebody else's fill.  It would then write into a fill that may be
+closed later than the writer's next record.  So after a successful claim the
+writer compares the descriptor's fill number with the one it read; on a mismatch
+it turns its range into an ABANDONED record and retries (the Rust crate's
+"claim in a buffer that is not current" bug).
+
+Overshoot bound.  Failed claims leave their size in the offset field.  While a
+fill is open, at most ``max_writers`` claims are in flight (each holds a lease
+slot), so an offset never exceeds ``capacity + max_writers * faa_limit < 2**32``;
+claims larger than ``faa_limit`` use a compare-and-swap that never overshoots.
+Sealed buffers may accumulate anything there: opening resets the offset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import threading
+import time
+from typing import Final
+
+import posix_ipc
+
+from . import _atomic, _format, _proc
+from . import _layout as L
+from ._errors import RingBrokenError, RingClosedError, RingTimeoutError, ShmflushError
+
+SEQ_CST: Final = _atomic.SEQ_CST
+_fetch_add = _atomic.fetch_add
+_fetch_sub = _atomic.fetch_sub
+_fetch_or = _atomic.fetch_or
+_load = _atomic.load
+_cas = _atomic.compare_exchange
+
+# Results of Ring.rotate().
+MOVED: Final = 0  # the lane now names another fill (we or somebody else moved it)
+NOT_DONE: Final = 1  # the lane's fill is still open or being closed
+NO_SPACE: Final = 2  # no idle buffer: wait for the flusher
+
+_CLOSE_AND_RELEASE: Final = (L.CLOSED - L.WRITER_ONE) & L.WORD_MASK
+_TAKE_MASK: Final = L.SEALED | L.CLOSED | L.FLUSHING
+
+
+def _base_address(mm: mmap.mmap) -> int:
+    # from_buffer pins the mapping only while the ctypes object lives; the address
+    # stays valid for as long as the mapping does, which Ring guarantees.
+    anchor = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
+
+
+class Ring:
+    """A mapped ring and the protocol operations shared by writers and flusher.
+
+    Not thread-safe as an object to *close*; every protocol operation is safe to
+    call from any number of threads and processes at once.
+    """
+
+    def __init__(self, name: str, mm: mmap.mmap, geometry: L.Geometry) -> None:
+        self.name = name
+        self.geometry = g = geometry
+        self.mm: mmap.mmap | None = mm
+        self.view = memoryview(mm)
+        self.words = self.view.cast("Q")
+        self.base = base = _base_address(mm)
+        _atomic.check_lock_free(base + L.H_STATUS)
+        self.capacity = g.capacity
+        self.max_record = g.max_record
+        self.faa_limit = min(g.capacity, ((1 << 32) - 1 - g.capacity) // g.max_writers)
+        n = g.buffers
+        self.state_addr = [base + g.descriptor(i) + L.D_STATE for i in range(n)]
+        self.state_w = [(g.descriptor(i) + L.D_STATE) // 8 for i in range(n)]
+        self.fill_w = [(g.descriptor(i) + L.D_FILL) // 8 for i in range(n)]
+        self.used_w = [(g.descriptor(i) + L.D_USED) // 8 for i in range(n)]
+        self.address_w = [(g.descriptor(i) + L.D_ADDRESS) // 8 for i in range(n)]
+        self.seq_w = [(g.descriptor(i) + L.D_SEQ) // 8 for i in range(n)]
+        # Byte offset of the first record of each buffer.
+        self.records_at = [g.buffer(i) + _format.SEGMENT_HEADER_SIZE for i in range(n)]
+        self.buffer_at = [g.buffer(i) for i in range(n)]
+        self.lane_w = [g.lane(k) // 8 for k in range(g.lanes)]
+        self.lane_addr = [base + g.lane(k) for k in range(g.lanes)]
+        self.status_w = L.H_STATUS // 8
+        flush_name, space_name = L.semaphore_names(name)
+        self.flush_sem: posix_ipc.Semaphore | None = None
+        self.space_sem: posix_ipc.Semaphore | None = None
+        self._flush_sem_name = flush_name
+        self._space_sem_name = space_name
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def create_semaphores(self, mode: int) -> None:
+        self.flush_sem = posix_ipc.Semaphore(
+            self._flush_sem_name, posix_ipc.O_CREAT, mode=mode, initial_value=0
+        )
+        self.space_sem = posix_ipc.Semaphore(
+            self._space_sem_name, posix_ipc.O_CREAT, mode=mode, initial_value=0
+        )
+
+    def open_semaphores(self) -> None:
+        try:
+            self.flush_sem = posix_ipc.Semaphore(self._flush_sem_name)
+            self.space_sem = posix_ipc.Semaphore(self._space_sem_name)
+        except posix_ipc.ExistentialError:
+            self.close_semaphores()
+            raise RingBrokenError(
+                f"ring {self.name!r}: its semaphores are missing; the owner has closed "
+                "it or the segment is left over from a crash (python -m shmflush cleanup)"
+            ) from None
+
+    def close_semaphores(self) -> None:
+        for sem in (self.flush_sem, self.space_sem):
+            if sem is not None:
+                sem.close()
+        self.flush_sem = self.space_sem = None
+
+    def unmap(self) -> None:
+        """Release the views, then the mapping, each exactly once."""
+        self.close_semaphores()
+        if self.mm is None:
+            return
+        self.words.release()
+        self.view.release()
+        self.mm.close()
+        self.mm = None
+
+    # -- header ------------------------------------------------------------------
+
+    def header(self, field: int) -> int:
+        return self.words[field // 8]
+
+    def set_header(self, field: int, value: int) -> None:
+        self.words[field // 8] = value
+
+    def header_add(self, field: int, delta: int) -> int:
+        return int(_fetch_add(self.base + field, delta & L.WORD_MASK, SEQ_CST))
+
+    def status(self) -> int:
+        return self.words[self.status_w]
+
+    def set_status(self, bits: int) -> None:
+        _fetch_or(self.base + L.H_STATUS, bits, SEQ_CST)
+
+    def check_status(self) -> None:
+        """Raise if the ring can no longer accept records."""
+        status = self.words[self.status_w]
+        if status & L.STATUS_BROKEN:
+            raise self.broken_error()
+        if status & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
+            raise RingClosedError(f"ring {self.name!r} was closed by its owner")
+
+    def broken_error(self) -> RingBrokenError:
+        errno = self.header(L.H_ERROR_ERRNO)
+        if errno:
+            cause = OSError(errno, os.strerror(errno))
+            err = RingBrokenError(
+                f"ring {self.name!r}: the flusher failed to write buffer "
+                f"{self.header(L.H_ERROR_BUFFER)}: [Errno {errno}] {os.strerror(errno)}; "
+                "records still in shared memory are kept, but the ring takes no more",
+                errno,
+            )
+            err.__cause__ = cause
+            return err
+        return RingBrokenError(f"ring {self.name!r}: the flusher stopped")
+
+    def flusher_alive(self) -> bool:
+        return _proc.is_alive(self.header(L.H_FLUSHER_PID), self.header(L.H_FLUSHER_START))
+
+    def wake_flusher(self) -> None:
+        sem = self.flush_sem
+        if sem is not None:
+            sem.release()
+
+    # -- state words -------------------------------------------------------------
+
+    def state(self, i: int) -> int:
+        return int(_load(self.state_addr[i], SEQ_CST))
+
+    def release(self, i: int) -> None:
+        """Drop one writer count; hand the fill over if that was the last one."""
+        prev = _fetch_sub(self.state_addr[i], L.WRITER_ONE, SEQ_CST)
+        if (prev & L.WRITER_MASK) == L.WRITER_ONE and (prev & _TAKE_MASK) == (L.SEALED | L.CLOSED):
+            self.wake_flusher()
+
+    def _close_fill(self, i: int, used: int) -> None:
+        """Fix the fill's extent: used length, file address, seal sequence.
+
+        The caller publishes these plain stores with the atomic RMW that sets
+        CLOSED; the flusher reads them only after seeing CLOSED.
+        """
+        words = self.words
+        if used:
+            size = _format.segment_size(used)
+            address = int(_fetch_add(self.base + L.H_NEXT_ADDRESS, size, SEQ_CST))
+            seq = int(_fetch_add(self.base + L.H_NEXT_SEQ, 1, SEQ_CST))
+        else:
+            address = seq = 0  # an empty fill is recycled without a write
+        words[self.used_w[i]] = used
+        words[self.address_w[i]] = address
+        words[self.seq_w[i]] = seq
+
+    def close_crossing(self, i: int, used: int) -> None:
+        """Close a fill on behalf of the crossing claim, which holds one writer count."""
+        _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
+        self._close_fill(i, used)
+        # Setting CLOSED and dropping our count in one RMW: the count can only reach
+        # zero with CLOSED already visible, so exactly one party sees the hand-over.
+        prev = _fetch_add(self.state_addr[i], _CLOSE_AND_RELEASE, SEQ_CST)
+        if (prev & L.WRITER_MASK) == L.WRITER_ONE:
+            self.wake_flusher()
+
+    def seal(self, i: int) -> bool:
+        """Seal buffer *i*'s open fill (time-based seal, sync, close, large claims).
+
+        Returns True if this call sealed an open fill.  If a crossing claim got
+        there first, the crossing writer closes the fill instead.
+        """
+        prev = _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
+        if prev & L.SEALED:
+            return False
+        used = prev >> L.OFFSET_SHIFT
+        if used > self.capacity:
+            return True  # the crossing writer closes it
+        self._close_fill(i, used)
+        prev = _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
+        if not prev & L.WRITER_MASK:
+            self.wake_flusher()
+        return True
+
+    def abandon(self, at: int, size: int) -> None:
+        """Turn a claimed range into an ABANDONED record (LLAMA's failed-flush marker)."""
+        _format.pack_record_header(
+            self.view, at, size - _format.RECORD_HEADER_SIZE, _format.KIND_ABANDONED
+        )
+
+    def claim_large(self, i: int, size: int) -> int:
+        """Claim *size* bytes with compare-and-swap (no overshoot).  Returns the offset,
+        or -1 after sealing a fill the record does not fit in, or -2 if sealed."""
+        addr = self.state_addr[i]
+        while True:
+            st = int(_load(addr, SEQ_CST))
+            if st & L.SEALED:
+                return -2
+            off = st >> L.OFFSET_SHIFT
+            if off + size > self.capacity:
+                self.seal(i)
+                return -1
+            ok, _ = _cas(addr, st, st + L.claim_delta(size))
+            if ok:
+                return off
+
+    # -- rotation ----------------------------------------------------------------
+
+    def fill_done(self, lane_word: int) -> bool:
+        """Has the fill named by *lane_word* got its final extent (CLOSED or later)?"""
+        i = lane_word & L.LANE_INDEX_MASK
+        fill = lane_word >> L.LANE_FILL_SHIFT
+        st = self.state(i)
+        # Fill numbers of a buffer only grow, and are renumbered only after the fill
+        # before was done; reading the state first makes the pair consistent.
+        if self.words[self.fill_w[i]] != fill:
+            return True
+        return bool(st & (L.CLOSED | L.IDLE))
+
+    def _reserve(self, prefer: int) -> int:
+        """Take an IDLE buffer (IDLE -> RESERVED), or return -1."""
+        n = self.geometry.buffers
+        words = self.words
+        pointed = {words[w] & L.LANE_INDEX_MASK for w in self.lane_w}
+        # Prefer the lane's own buffer, then buffers no lane points at: a buffer
+        # another lane still points at would make that lane's writers abandon a
+        # record when they find a foreign fill in it.
+        candidates = [prefer]
+        candidates += [j for j in range(n) if j != prefer and j not in pointed]
+        candidates += [j for j in range(n) if j != prefer and j in pointed]
+        for j in candidates:
+            addr = self.state_addr[j]
+            st = int(_load(addr, SEQ_CST))
+            while st & L.IDLE:
+                ok, st = _cas(addr, st, (st & ~L.IDLE) | L.RESERVED)
+                if ok:
+                    return j
+        return -1
+
+    def _unreserve(self, j: int) -> None:
+        addr = self.state_addr[j]
+        st = int(_load(addr, SEQ_CST))
+        while True:
+            ok, st = _cas(addr, st, (st & ~L.RESERVED) | L.IDLE)
+            if ok:
+                return
+
+    def _open(self, j: int) -> None:
+        """RESERVED|SEALED -> open with offset 0.  Writer counts of stale, rejected
+        claims are kept: those writers will release them."""
+        addr = self.state_addr[j]
+        st = int(_load(addr, SEQ_CST))
+        while True:
+            ok, st = _cas(addr, st, st & L.WRITER_MASK)
+            if ok:
+                return
+
+    def rotate(self, lane: int, lane_word: int) -> int:
+        """Move *lane* from the fill named by *lane_word* to a fresh fill."""
+        if self.words[self.status_w] & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
+            return NO_SPACE
+        if not self.fill_done(lane_word):
+            return NOT_DONE
+        j = self._reserve(prefer=lane_word & L.LANE_INDEX_MASK)
+        if j < 0:
+            return NO_SPACE
+        fill = int(_fetch_add(self.base + L.H_FILL_COUNTER, 1, SEQ_CST))
+        # Plain store, published by the lane CAS below (and by the open CAS to
+        # anyone who claims in this buffer).
+        self.words[self.fill_w[j]] = fill
+        ok, _ = _cas(self.lane_addr[lane], lane_word, L.lane_word(fill, j))
+        if not ok:
+            self._unreserve(j)
+        else:
+            self._open(j)
+        return MOVED
+
+    def advance(self, lane: int, lane_word: int, deadline: float | None) -> int:
+        """After a failed claim: return once *lane* names another fill.
+
+        Rotates the lane when possible, otherwise waits, for the closer of the
+        current fill (microseconds) or for the flusher to free a buffer.  Returns
+        the number of times it had to wait for space.  Never spins a core: waits
+        for space block on a semaphore, waits for a closer sleep.
+        """
+        waits = 0
+        nap = 20e-6
+        words = self.words
+        lane_w = self.lane_w[lane]
+        while True:
+            self.check_status()
+            if words[lane_w] != lane_word:
+                return waits
+            result = self.rotate(lane, lane_word)
+            if result == MOVED:
+                return waits
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RingTimeoutError(f"ring {self.name!r}: no buffer space before timeout")
+            if result == NOT_DONE:
+                if not self.state(lane_word & L.LANE_INDEX_MASK) & L.SEALED:
+                    return waits  # the fill is open again: retry the claim
+                time.sleep(nap)
+                nap = min(nap * 2, 2e-3)
+                continue
+            waits += 1
+            self.wait_for_space(deadline, lane, lane_word)
+
+    def wait_for_space(self, deadline: float | None, lane: int, lane_word: int) -> None:
+        """Block on the space semaphore until the flusher frees a buffer, the deadline
+        passes, or 100 ms go by (then the caller re-checks everything)."""
+        sem = self.space_sem
+        if sem is None:
+            raise RingClosedError(f"ring {self.name!r} is closed")
+        self.header_add(L.H_WAITERS, 1)
+        try:
+            # Re-check after announcing ourselves: the flusher frees buffers before it
+            # reads the waiter count, so either it posts for us or we see the space.
+            if self.rotate(lane, lane_word) == MOVED:
+                return
+            if not self.flusher_alive():
+                self.check_status()
+                raise RingBrokenError(
+                    f"ring {self.name!r}: the flusher process "
+                    f"{self.header(L.H_FLUSHER_PID)} is not running"
+                )
+            timeout = 0.1
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            with contextlib.suppress(posix_ipc.BusyError):
+                sem.acquire(timeout)
+        finally:
+            self.header_add(L.H_WAITERS, -1)
+
+    def post_space(self) -> None:
+        """Wake every writer waiting for space (called by the flusher after a reset)."""
+        sem = self.space_sem
+        if sem is None:
+            return
+        waiting = self.header(L.H_WAITERS)
+        for _ in range(min(waiting, 1024)):
+            sem.release()
+
+    # -- leases ------------------------------------------------------------------
+
+    def acquire_lease(self) -> int:
+        """Take a lease slot for the calling thread; returns its index.
+
+        Dead holders (pid gone or reused) are reclaimed.  The slot bounds how many
+        claims can be in flight, which the overshoot bound relies on.
+        """
+        g = self.geometry
+        pid = os.getpid()
+        started = _proc.start_time(pid)
+        tid = threading.get_ident()
+        for reclaim in (False, True):
+            for k in range(g.max_writers):
+                at = g.lease(k)
+                holder = self.words[(at + L.L_PID) // 8]
+                if holder and (
+                    not reclaim or _proc.is_alive(holder, self.words[(at + L.L_START) // 8])
+                ):
+                    continue
+                ok, _ = _cas(self.base + at + L.L_PID, holder, pid)
+                if ok:
+                    self.words[(at + L.L_START) // 8] = started
+                    self.words[(at + L.L_TID) // 8] = tid
+                    self.words[(at + L.L_LANE) // 8] = k % g.lanes
+                    return k
+        raise ShmflushError(
+            f"ring {self.name!r}: all {g.max_writers} writer slots are taken by live "
+            "threads; create the ring with a larger max_writers"
+        )
+
+    def release_lease(self, k: int) -> None:
+        at = self.geometry.lease(k)
+        self.words[(at + L.L_TID) // 8] = 0
+        _atomic.store(self.base + at + L.L_PID, 0, SEQ_CST)
+
+
+def attach_ring(name: str) -> Ring:
+    mm, geometry = L.open_segment(name)
+    try:
+        ring = Ring(name, mm, geometry)
+    except BaseException:
+        mm.close()
+        raise
+    try:
+        ring.open_semaphores()
+    except BaseException:
+        ring.unmap()
+        raise
+    return ring

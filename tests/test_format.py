@@ -1,0 +1,333 @@
+"""Byte layout of segments and records (shmflush._format)."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shmflush import _format
+from shmflush._format import (
+    BLOCK,
+    KIND_ABANDONED,
+    KIND_DATA,
+    MAX_USED,
+    RECORD_MARK,
+    SEGMENT_HEADER_SIZE,
+    SegmentHeader,
+    check_records,
+    iter_records,
+    pack_record_header,
+    pad_block,
+    parse_segment_header,
+    record_size,
+    segment_size,
+    write_segment_header,
+)
+
+U64 = st.integers(0, 2**64 - 1)
+
+
+def craft_header(
+    *,
+    magic: bytes = b"SHMFLSEG",
+    version: int = 1,
+    header_size: int = 64,
+    used: int = 0,
+    seq: int = 0,
+    address: int = 0,
+    payload_crc: int = 0,
+    reserved: bytes = bytes(24),
+    header_crc: int | None = None,
+) -> bytes:
+    """A segment header built straight from the spec table, independently of _format."""
+    head = (
+        magic
+        + struct.pack("<HHIQQI", version, header_size, used, seq, address, payload_crc)
+        + reserved
+    )
+    assert len(head) == 60
+    crc = zlib.crc32(head) if header_crc is None else header_crc
+    return head + struct.pack("<I", crc)
+
+
+def build_area(records: list[tuple[int, bytes]]) -> bytearray:
+    area = bytearray(sum(record_size(len(p)) for _, p in records))
+    pos = 0
+    for kind, payload in records:
+        pack_record_header(area, pos, len(payload), kind)
+        area[pos + 8 : pos + 8 + len(payload)] = payload
+        pos += record_size(len(payload))
+    return area
+
+
+# -- constants and sizes ---------------------------------------------------------
+
+
+def test_constants_match_the_spec() -> None:
+    assert BLOCK == 4096
+    assert _format.SEGMENT_MAGIC == b"SHMFLSEG"
+    assert _format.FORMAT_VERSION == 1
+    assert SEGMENT_HEADER_SIZE == 64
+    assert _format.RECORD_HEADER_SIZE == 8
+    assert _format.RECORD_ALIGN == 8
+    assert (KIND_DATA, KIND_ABANDONED) == (1, 2)
+    assert RECORD_MARK == 0x5AF1
+    assert _format.RECORD_HEADER.format == "<IHH"
+    assert _format.RECORD_HEADER.size == 8
+    assert MAX_USED == 2**32 - 1 - 64
+
+
+@given(st.integers(0, 2**33))
+def test_record_size_is_header_plus_payload_padded_to_8(n: int) -> None:
+    size = record_size(n)
+    assert size % 8 == 0
+    assert 8 + n <= size < 8 + n + 8
+    assert record_size(n + 1) >= size
+
+
+def test_record_size_examples() -> None:
+    assert [record_size(n) for n in (0, 1, 7, 8, 9, 16)] == [8, 16, 16, 16, 24, 24]
+
+
+@given(st.integers(0, 2**40))
+def test_pad_block_is_the_smallest_block_multiple_not_below_n(n: int) -> None:
+    padded = pad_block(n)
+    assert padded % BLOCK == 0
+    assert n <= padded < n + BLOCK
+    assert pad_block(padded) == padded
+
+
+def test_pad_block_examples() -> None:
+    assert [pad_block(n) for n in (0, 1, 4095, 4096, 4097)] == [0, 4096, 4096, 4096, 8192]
+
+
+@given(st.integers(0, MAX_USED))
+def test_segment_size_pads_header_plus_used(used: int) -> None:
+    assert segment_size(used) == pad_block(64 + used)
+    assert segment_size(used) >= BLOCK
+
+
+# -- writing ---------------------------------------------------------------------
+
+
+def test_pack_record_header_layout() -> None:
+    buf = bytearray(b"\xee" * 20)
+    pack_record_header(buf, 4, 0x01020304, KIND_ABANDONED)
+    assert buf[4:12] == bytes.fromhex("04030201 0200 f15a".replace(" ", ""))
+    assert buf[:4] == b"\xee" * 4
+    assert buf[12:] == b"\xee" * 8
+    pack_record_header(buf, 0, 5)
+    assert buf[:8] == bytes.fromhex("05000000 0100 f15a".replace(" ", ""))
+
+
+def test_pack_record_header_rejects_length_beyond_u32() -> None:
+    with pytest.raises(struct.error):
+        pack_record_header(bytearray(8), 0, 2**32)
+
+
+@given(
+    used_records=st.lists(st.binary(max_size=100), max_size=20),
+    seq=U64,
+    block_index=st.integers(0, 2**40),
+    offset=st.integers(0, 3).map(lambda i: i * 8),
+)
+def test_write_segment_header_matches_the_spec_table(
+    used_records: list[bytes], seq: int, block_index: int, offset: int
+) -> None:
+    area = build_area([(KIND_DATA, p) for p in used_records])
+    used = len(area)
+    buf = bytearray(b"\xaa" * offset) + bytearray(64) + area + bytearray(16)
+    address = block_index * BLOCK
+    write_segment_header(buf, offset, used=used, seq=seq, address=address)
+    expected = craft_header(used=used, seq=seq, address=address, payload_crc=zlib.crc32(area))
+    assert bytes(buf[offset : offset + 64]) == expected
+    # Nothing outside the header is touched.
+    assert buf[:offset] == b"\xaa" * offset
+    assert buf[offset + 64 : offset + 64 + used] == area
+    assert parse_segment_header(buf[offset:], address) == SegmentHeader(
+        used=used, seq=seq, address=address, payload_crc=zlib.crc32(area)
+    )
+
+
+def test_write_segment_header_leaves_no_export_on_an_mmap() -> None:
+    m = mmap.mmap(-1, BLOCK)
+    try:
+        pack_record_header(m, 64, 3)
+        m[72:75] = b"abc"
+        write_segment_header(m, 0, used=16, seq=1, address=0)
+        assert parse_segment_header(m, 0) != "header CRC mismatch"
+    finally:
+        m.close()  # raises BufferError if a memoryview of it were still alive
+    assert m.closed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"used": 12, "seq": 0, "address": 0}, "used"),
+        ({"used": -8, "seq": 0, "address": 0}, "used"),
+        ({"used": MAX_USED + 1, "seq": 0, "address": 0}, "used"),
+        ({"used": 4096, "seq": 0, "address": 0}, "does not fit"),
+        ({"used": 8, "seq": 0, "address": 100}, "address"),
+        ({"used": 8, "seq": 0, "address": -4096}, "address"),
+    ],
+)
+def test_write_segment_header_rejects_bad_arguments(kwargs: dict[str, int], match: str) -> None:
+    buf = bytearray(BLOCK)
+    with pytest.raises(ValueError, match=match):
+        write_segment_header(buf, 0, **kwargs)
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def test_parse_segment_header_reports_each_check() -> None:
+    good = craft_header(used=16, seq=3, address=8192, payload_crc=77)
+    assert parse_segment_header(good, 8192) == SegmentHeader(16, 3, 8192, 77)
+    cases = {
+        "bad magic": craft_header(magic=b"SHMFLSEH"),
+        "unsupported format version 2": craft_header(version=2),
+        "header size 128, expected 64": craft_header(header_size=128),
+        "header CRC mismatch": craft_header(used=16, header_crc=1234),
+        "used length 12 is not a multiple of 8": craft_header(used=12),
+        f"used length {2**32 - 8} exceeds the maximum {MAX_USED}": craft_header(used=2**32 - 8),
+        "segment claims address 4096": craft_header(address=4096),
+        "truncated segment header (63 of 64 bytes)": good[:63],
+    }
+    for reason, data in cases.items():
+        assert parse_segment_header(data, 0) == reason
+
+
+def test_parse_segment_header_accepts_the_largest_used() -> None:
+    largest = MAX_USED - MAX_USED % 8
+    header = parse_segment_header(craft_header(used=largest), 0)
+    assert isinstance(header, SegmentHeader)
+    assert header.used == largest
+
+
+@given(st.integers(0, 64 * 8 - 1))
+def test_every_single_bit_flip_in_a_header_is_rejected(bit: int) -> None:
+    data = bytearray(craft_header(used=64, seq=9, address=4096, payload_crc=5))
+    data[bit // 8] ^= 1 << (bit % 8)
+    assert isinstance(parse_segment_header(data, 4096), str)
+
+
+def test_parse_segment_header_ignores_bytes_after_the_header() -> None:
+    data = craft_header(used=8) + b"\xff" * 100
+    assert isinstance(parse_segment_header(data, 0), SegmentHeader)
+
+
+# -- records ---------------------------------------------------------------------
+
+RECORDS = st.lists(
+    st.tuples(st.sampled_from([KIND_DATA, KIND_ABANDONED]), st.binary(max_size=64)), max_size=30
+)
+
+
+@given(RECORDS)
+def test_iter_records_round_trip(records: list[tuple[int, bytes]]) -> None:
+    area = build_area(records)
+    got = list(iter_records(area))
+    assert [(k, bytes(v)) for k, v in got] == records
+    assert all(v.readonly for _, v in got)
+    assert check_records(area) is None
+
+
+def test_iter_records_returns_views_not_copies() -> None:
+    area = build_area([(KIND_DATA, b"hello")])
+    ((_, view),) = iter_records(area)
+    area[8] = ord("j")
+    assert bytes(view) == b"jello"
+
+
+def test_record_padding_is_zero_and_next_record_is_aligned() -> None:
+    area = build_area([(KIND_DATA, b"abc"), (KIND_DATA, b"")])
+    assert bytes(area) == bytes.fromhex("03000000 0100 f15a 61626300 00000000 00000000 0100 f15a")
+
+
+def _bad(area: bytearray, match: str) -> None:
+    assert check_records(area) is not None
+    assert match in (check_records(area) or "")
+    with pytest.raises(ValueError, match=match):
+        list(iter_records(area))
+
+
+def test_iter_records_rejects_bad_mark() -> None:
+    area = build_area([(KIND_DATA, b"x"), (KIND_DATA, b"y")])
+    area[16 + 6] ^= 1
+    _bad(area, "record-area offset 16: bad mark")
+
+
+@pytest.mark.parametrize("kind", [0, 3, 0xFFFF])
+def test_iter_records_rejects_unknown_kind(kind: int) -> None:
+    area = build_area([(KIND_DATA, b"x")])
+    struct.pack_into("<H", area, 4, kind)
+    _bad(area, f"record-area offset 0: unknown kind {kind}")
+
+
+def test_iter_records_rejects_a_record_running_past_used() -> None:
+    area = build_area([(KIND_DATA, b"12345678"), (KIND_DATA, b"abc")])
+    struct.pack_into("<I", area, 16, 9)  # 9 bytes need 16, only 8 are left
+    _bad(area, "record-area offset 16: length 9 runs past the end")
+
+
+def test_iter_records_rejects_a_huge_length_without_allocating() -> None:
+    area = build_area([(KIND_DATA, b"")])
+    struct.pack_into("<I", area, 0, 2**32 - 1)
+    _bad(area, "runs past the end")
+
+
+def test_iter_records_rejects_a_partial_trailing_header() -> None:
+    area = build_area([(KIND_DATA, b"ab")]) + bytearray(4)
+    _bad(area, "record-area offset 16: header runs past the end")
+
+
+def test_iter_records_yields_records_before_the_malformed_one() -> None:
+    area = build_area([(KIND_DATA, b"ok"), (KIND_DATA, b"no")])
+    area[16 + 6] = 0
+    it = iter_records(area)
+    assert bytes(next(it)[1]) == b"ok"
+    with pytest.raises(ValueError, match="offset 16"):
+        next(it)
+
+
+def test_empty_record_area_has_no_records() -> None:
+    assert list(iter_records(b"")) == []
+    assert check_records(b"") is None
+
+
+# -- golden bytes ----------------------------------------------------------------
+
+EXAMPLE_DUMP = """\
+00000000  53 48 4d 46 4c 53 45 47  01 00 40 00 38 00 00 00  |SHMFLSEG..@.8...|
+00000010  07 00 00 00 00 00 00 00  00 20 00 00 00 00 00 00  |......... ......|
+00000020  45 f1 42 94 00 00 00 00  00 00 00 00 00 00 00 00  |E.B.............|
+00000030  00 00 00 00 00 00 00 00  00 00 00 00 50 15 95 22  |............P.."|
+00000040  05 00 00 00 01 00 f1 5a  68 65 6c 6c 6f 00 00 00  |.......Zhello...|
+00000050  04 00 00 00 02 00 f1 5a  00 00 00 00 00 00 00 00  |.......Z........|
+00000060  09 00 00 00 01 00 f1 5a  73 68 6d 66 6c 75 73 68  |.......Zshmflush|
+00000070  21 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00  |!...............|
+"""
+
+
+def test_worked_example_bytes_are_stable_and_documented() -> None:
+    area = build_area(
+        [(KIND_DATA, b"hello"), (KIND_ABANDONED, bytes(4)), (KIND_DATA, b"shmflush!")]
+    )
+    buf = bytearray(segment_size(len(area)))
+    buf[64 : 64 + len(area)] = area
+    write_segment_header(buf, 0, used=len(area), seq=7, address=8192)
+    expected = bytes.fromhex(
+        "".join(line[10:58] for line in EXAMPLE_DUMP.splitlines()).replace(" ", "")
+    )
+    assert bytes(buf[:128]) == expected
+    assert buf[128:] == bytes(BLOCK - 128)
+    assert zlib.crc32(b"123456789") == 0xCBF43926  # the check value the spec quotes
+    doc = Path(__file__).resolve().parent.parent / "docs" / "format.md"
+    assert EXAMPLE_DUMP in doc.read_text()

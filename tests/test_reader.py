@@ -1,0 +1,494 @@
+"""Reading files and finding the append point (shmflush._reader)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import tracemalloc
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shmflush import _reader
+from shmflush._errors import CorruptFileError
+from shmflush._format import (
+    BLOCK,
+    KIND_ABANDONED,
+    KIND_DATA,
+    pack_record_header,
+    record_size,
+    segment_size,
+    write_segment_header,
+)
+from shmflush._reader import Damage, find_append_point, read
+
+Records = list[tuple[int, bytes]]
+
+
+@dataclass
+class Layout:
+    """A built file and where its segments are."""
+
+    data: bytearray
+    starts: list[int]
+    useds: list[int]
+    segments: list[Records]
+
+    def data_of(self, index: int) -> list[bytes]:
+        return [p for k, p in self.segments[index] if k == KIND_DATA]
+
+    def all_data(self) -> list[bytes]:
+        return [p for i in range(len(self.segments)) for p in self.data_of(i)]
+
+
+def build_segment(records: Records, *, seq: int, address: int) -> bytearray:
+    used = sum(record_size(len(p)) for _, p in records)
+    buf = bytearray(segment_size(used))
+    pos = 64
+    for kind, payload in records:
+        pack_record_header(buf, pos, len(payload), kind)
+        buf[pos + 8 : pos + 8 + len(payload)] = payload
+        pos += record_size(len(payload))
+    write_segment_header(buf, 0, used=used, seq=seq, address=address)
+    return buf
+
+
+def build_file(segments: list[Records], *, first_seq: int = 0) -> Layout:
+    data = bytearray()
+    starts: list[int] = []
+    useds: list[int] = []
+    for i, records in enumerate(segments):
+        starts.append(len(data))
+        seg = build_segment(records, seq=first_seq + i, address=len(data))
+        useds.append(sum(record_size(len(p)) for _, p in records))
+        data += seg
+    return Layout(data, starts, useds, segments)
+
+
+def write(path: Path, data: bytes | bytearray) -> Path:
+    path.write_bytes(bytes(data))
+    return path
+
+
+def payloads(seed: int, sizes: list[int]) -> Records:
+    rng = random.Random(seed)
+    return [(KIND_DATA, rng.randbytes(n)) for n in sizes]
+
+
+def read_all(path: Path, *, strict: bool) -> tuple[list[bytes], _reader.Reader]:
+    with read(path, strict=strict) as reader:
+        return list(reader), reader
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(params=["default", "small-chunks"])
+def limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the real read sizes and with tiny ones, so that multi-chunk
+    segments take the streamed two-pass path and find_append_point uses many windows."""
+    if request.param == "small-chunks":
+        monkeypatch.setattr(_reader, "_READ_CHUNK", 2 * BLOCK)
+        monkeypatch.setattr(_reader, "_WHOLE_SEGMENT_LIMIT", BLOCK)
+        monkeypatch.setattr(_reader, "_BACK_CHUNK", 2 * BLOCK)
+    return str(request.param)
+
+
+# -- round trip ------------------------------------------------------------------
+
+RECORD = st.tuples(
+    st.sampled_from([KIND_DATA, KIND_DATA, KIND_DATA, KIND_ABANDONED]),
+    st.integers(0, 5000).map(lambda n: bytes([n % 251]) * n) | st.binary(max_size=40),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(segments=st.lists(st.lists(RECORD, max_size=8), min_size=0, max_size=6))
+def test_round_trip_returns_data_payloads_in_order(
+    tmp_path: Path, limits: str, segments: list[Records]
+) -> None:
+    layout = build_file(segments)
+    path = write(tmp_path / "f", layout.data)
+    for strict in (True, False):
+        got, reader = read_all(path, strict=strict)
+        assert got == layout.all_data()
+        assert reader.records == len(got)
+        assert reader.abandoned == sum(k == KIND_ABANDONED for s in segments for k, _ in s)
+        assert reader.segments == len(segments)
+        assert reader.damaged == []
+
+
+def test_abandoned_payload_is_never_returned(tmp_path: Path) -> None:
+    layout = build_file([[(KIND_DATA, b"a"), (KIND_ABANDONED, b"junk" * 10), (KIND_DATA, b"b")]])
+    got, reader = read_all(write(tmp_path / "f", layout.data), strict=True)
+    assert got == [b"a", b"b"]
+    assert reader.abandoned == 1
+
+
+def test_empty_file_has_no_records(tmp_path: Path) -> None:
+    got, reader = read_all(write(tmp_path / "f", b""), strict=True)
+    assert got == []
+    assert reader.segments == 0
+
+
+def test_iteration_is_lazy_and_counters_grow(tmp_path: Path) -> None:
+    layout = build_file([payloads(1, [10, 20]), payloads(2, [30])])
+    reader = read(write(tmp_path / "f", layout.data))
+    assert reader.segments == 0
+    assert next(reader) == layout.all_data()[0]
+    assert (reader.segments, reader.records) == (1, 1)
+    assert list(reader) == layout.all_data()[1:]
+    assert (reader.segments, reader.records) == (2, 3)
+    assert list(reader) == []  # single pass
+
+
+# -- zero tails and partial files -------------------------------------------------
+
+
+def test_zero_tail_is_a_clean_end(tmp_path: Path) -> None:
+    layout = build_file([payloads(3, [100, 200]), payloads(4, [5])])
+    for tail in (1, 63, BLOCK, 5 * BLOCK + 17):
+        got, reader = read_all(write(tmp_path / "f", layout.data + bytes(tail)), strict=True)
+        assert got == layout.all_data()
+        assert reader.damaged == []
+
+
+def test_all_zero_file_is_empty_not_damaged(tmp_path: Path) -> None:
+    got, reader = read_all(write(tmp_path / "f", bytes(3 * BLOCK)), strict=True)
+    assert (got, reader.damaged) == ([], [])
+
+
+def test_zero_hole_followed_by_data_is_damage(tmp_path: Path) -> None:
+    # A crash can leave a segment unwritten (a hole) while a later one made it out.
+    layout = build_file([payloads(5, [10]), payloads(6, [10]), payloads(7, [10])])
+    data = layout.data
+    data[layout.starts[1] : layout.starts[2]] = bytes(BLOCK)
+    path = write(tmp_path / "f", data)
+    with pytest.raises(CorruptFileError) as info:
+        read_all(path, strict=True)
+    assert info.value.offset == BLOCK
+    assert info.value.reason == "bad magic"
+    got, reader = read_all(path, strict=False)
+    assert got == layout.data_of(0) + layout.data_of(2)
+    assert reader.damaged == [Damage(BLOCK, 2 * BLOCK, "bad magic")]
+
+
+def test_trailing_nonzero_partial_block_is_damage(tmp_path: Path) -> None:
+    layout = build_file([payloads(8, [10])])
+    path = write(tmp_path / "f", layout.data + b"\0\0garbage")
+    got, reader = read_all(path, strict=False)
+    assert got == layout.data_of(0)
+    assert reader.damaged == [Damage(BLOCK, BLOCK + 9, "truncated segment header (9 of 64 bytes)")]
+
+
+# -- truncation at every offset ----------------------------------------------------
+
+
+def test_truncation_at_every_offset(tmp_path: Path) -> None:
+    # Segment 1 spans two blocks, so cuts land in a second body block too.
+    layout = build_file([payloads(9, [100, 0, 37]), payloads(10, [3000, 1500]), payloads(11, [9])])
+    path = write(tmp_path / "f", layout.data)
+    ends = [s + 64 + u for s, u in zip(layout.starts, layout.useds, strict=True)]
+    # Truncate in place from the end down, one file for all cuts.
+    for cut in range(len(layout.data), -1, -1):
+        os.truncate(path, cut)
+        intact = [i for i, end in enumerate(ends) if end <= cut]
+        torn = [i for i, (s, e) in enumerate(zip(layout.starts, ends, strict=True)) if s < cut < e]
+        expected = [p for i in intact for p in layout.data_of(i)]
+
+        got, reader = read_all(path, strict=False)
+        assert got == expected, cut
+        if torn:
+            (damage,) = reader.damaged
+            assert damage.start == layout.starts[torn[0]], cut
+            assert damage.start < damage.end <= cut, cut
+        else:
+            assert reader.damaged == [], cut
+
+        if torn:
+            with pytest.raises(CorruptFileError) as info:
+                read_all(path, strict=True)
+            assert info.value.offset == layout.starts[torn[0]], cut
+        else:
+            assert read_all(path, strict=True)[0] == expected, cut
+
+
+# -- damage in the middle ----------------------------------------------------------
+
+
+def test_zeroed_block_in_the_middle(tmp_path: Path, limits: str) -> None:
+    layout = build_file([payloads(i, [50, 60, 5000 * (i == 2)]) for i in range(5)])
+    assert layout.useds[2] + 64 > BLOCK  # segment 2 spans two blocks
+    for block in (layout.starts[2], layout.starts[2] + BLOCK, layout.starts[3]):
+        data = bytearray(layout.data)
+        data[block : block + BLOCK] = bytes(BLOCK)
+        path = write(tmp_path / "f", data)
+        hit = 3 if block == layout.starts[3] else 2
+        got, reader = read_all(path, strict=False)
+        assert got == [p for i in range(5) if i != hit for p in layout.data_of(i)]
+        (damage,) = reader.damaged
+        assert damage.start == layout.starts[hit]
+        assert damage.end == layout.starts[hit + 1]
+        expected_reason = "bad magic" if block == layout.starts[hit] else "payload CRC mismatch"
+        assert damage.reason == expected_reason
+        with pytest.raises(CorruptFileError) as info:
+            read_all(path, strict=True)
+        assert info.value.offset == layout.starts[hit]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_single_bit_flip_loses_at_most_its_segment(
+    tmp_path: Path, limits: str, data: st.DataObject
+) -> None:
+    layout = build_file([payloads(20, [700, 900]), payloads(21, [5000, 300]), payloads(22, [1])])
+    bit = data.draw(st.integers(0, len(layout.data) * 8 - 1))
+    corrupted = bytearray(layout.data)
+    corrupted[bit // 8] ^= 1 << (bit % 8)
+    path = write(tmp_path / "f", corrupted)
+    got, reader = read_all(path, strict=False)
+
+    offset = bit // 8
+    k = max(i for i, s in enumerate(layout.starts) if s <= offset)
+    if offset >= layout.starts[k] + 64 + layout.useds[k]:
+        # Padding is not covered by any check and not read.
+        assert got == layout.all_data()
+        assert reader.damaged == []
+        return
+    assert got == [p for i in range(3) if i != k for p in layout.data_of(i)]
+    (damage,) = reader.damaged
+    assert damage.start == layout.starts[k]
+    next_start = layout.starts[k + 1] if k + 1 < 3 else len(layout.data)
+    assert layout.starts[k] < damage.end <= next_start
+
+
+def test_payload_bit_flip_is_reported_and_skipped(tmp_path: Path, limits: str) -> None:
+    layout = build_file([payloads(30, [100]), payloads(31, [6000, 10]), payloads(32, [100])])
+    data = bytearray(layout.data)
+    data[layout.starts[1] + 64 + 8 + 5000] ^= 0x10
+    got, reader = read_all(write(tmp_path / "f", data), strict=False)
+    assert got == layout.data_of(0) + layout.data_of(2)
+    assert reader.damaged == [Damage(layout.starts[1], layout.starts[2], "payload CRC mismatch")]
+    assert reader.segments == 2
+
+
+def craft_header(*, used: int, address: int, payload_crc: int, seq: int = 0) -> bytes:
+    head = b"SHMFLSEG" + struct.pack("<HHIQQI", 1, 64, used, seq, address, payload_crc)
+    head += bytes(24)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def test_malformed_records_under_a_valid_crc_are_damage(tmp_path: Path, limits: str) -> None:
+    # A writer bug rather than disk damage, but the reader must not trust it.
+    body = bytearray(16)
+    struct.pack_into("<IHH", body, 0, 8, 0, 0x5AF1)  # kind 0
+    seg = bytearray(craft_header(used=16, address=0, payload_crc=zlib.crc32(body)))
+    seg += body + bytes(BLOCK - 80)
+    good = build_segment(payloads(40, [8]), seq=1, address=BLOCK)
+    got, reader = read_all(write(tmp_path / "f", seg + good), strict=False)
+    assert got == [p for _, p in payloads(40, [8])]
+    assert reader.damaged == [
+        Damage(0, BLOCK, "malformed record at record-area offset 0: unknown kind 0")
+    ]
+
+
+def test_malformed_record_deep_in_a_large_segment_is_damage(tmp_path: Path, limits: str) -> None:
+    # Past the first read chunk, so the streamed check must catch it too.
+    records = payloads(41, [3000, 3000, 3000, 10])
+    seg = build_segment(records, seq=0, address=0)
+    bad_at = 3 * record_size(3000)  # record-area offset of the last record
+    struct.pack_into("<H", seg, 64 + bad_at + 6, 0x1234)  # its mark
+    used = 3 * record_size(3000) + record_size(10)
+    write_segment_header(seg, 0, used=used, seq=0, address=0)  # CRC covers the bad mark
+    good = build_segment(payloads(42, [8]), seq=1, address=len(seg))
+    got, reader = read_all(write(tmp_path / "f", seg + good), strict=False)
+    assert got == [p for _, p in payloads(42, [8])]
+    assert reader.damaged == [
+        Damage(0, len(seg), f"malformed record at record-area offset {bad_at}: bad mark 0x1234")
+    ]
+
+
+def test_resynchronises_after_several_blocks_of_garbage(tmp_path: Path, limits: str) -> None:
+    garbage = bytearray(random.Random(50).randbytes(3 * BLOCK + 100))
+    seg = build_segment(payloads(51, [2000, 2000, 2000]), seq=0, address=len(garbage) + 3996)
+    data = garbage + bytes(3996) + seg
+    got, reader = read_all(write(tmp_path / "f", data), strict=False)
+    assert got == [p for _, p in payloads(51, [2000, 2000, 2000])]
+    assert reader.damaged == [Damage(0, 4 * BLOCK, "bad magic")]
+
+
+def test_misplaced_segment_is_not_read(tmp_path: Path) -> None:
+    # A valid segment copied to the wrong offset fails its self-locating check.
+    seg = build_segment(payloads(52, [10]), seq=0, address=0)
+    got, reader = read_all(write(tmp_path / "f", seg + seg), strict=False)
+    assert got == [p for _, p in payloads(52, [10])]
+    assert reader.damaged == [Damage(BLOCK, 2 * BLOCK, "segment claims address 0")]
+
+
+# -- hostile lengths -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("used", [2**32 - 1 - 64 - 7, 1 << 30, 8 * BLOCK])
+def test_huge_used_is_a_clean_damage_report(tmp_path: Path, used: int) -> None:
+    # Valid header CRC, so only the "fits in the file" check stands in the way.
+    bad = craft_header(used=used, address=0, payload_crc=0) + b"\x01" * (BLOCK - 64)
+    good = build_segment(payloads(60, [10]), seq=1, address=BLOCK)
+    path = write(tmp_path / "f", bad + good)
+    tracemalloc.start()
+    try:
+        got, reader = read_all(path, strict=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert got == [p for _, p in payloads(60, [10])]
+    (damage,) = reader.damaged
+    assert (damage.start, damage.end) == (0, BLOCK)
+    assert "runs past the end of the file" in damage.reason
+    with pytest.raises(CorruptFileError, match="runs past the end of the file") as info:
+        read_all(path, strict=True)
+    assert info.value.offset == 0
+
+
+# -- resource handling ---------------------------------------------------------------
+
+
+def test_reader_closes_its_fd(tmp_path: Path) -> None:
+    path = write(tmp_path / "f", build_file([payloads(70, [1, 2])]).data)
+    before = open_fds()
+    reader = read(path)
+    assert open_fds() == before + 1
+    list(reader)
+    assert open_fds() == before  # exhausted: closed
+    with read(path) as reader:
+        next(reader)
+        assert open_fds() == before + 1
+    assert open_fds() == before
+    reader.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        next(reader)
+
+
+def test_strict_error_closes_the_fd(tmp_path: Path) -> None:
+    path = write(tmp_path / "f", b"x" * 100)
+    before = open_fds()
+    reader = read(path)
+    with pytest.raises(CorruptFileError):
+        list(reader)
+    assert open_fds() == before
+
+
+def test_missing_file_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read(tmp_path / "missing")
+
+
+# -- find_append_point ----------------------------------------------------------------
+
+
+def append_point(path: Path) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return find_append_point(fd)
+    finally:
+        os.close(fd)
+
+
+def three_segments() -> Layout:
+    return build_file(
+        [payloads(80, [100]), payloads(81, [9000, 50]), payloads(82, [7])], first_seq=41
+    )
+
+
+def test_append_point_of_empty_file(tmp_path: Path) -> None:
+    assert append_point(write(tmp_path / "f", b"")) == (0, 0)
+
+
+def test_append_point_of_clean_file(tmp_path: Path, limits: str) -> None:
+    layout = three_segments()
+    assert append_point(write(tmp_path / "f", layout.data)) == (len(layout.data), 44)
+
+
+def test_append_point_skips_a_torn_last_segment(tmp_path: Path, limits: str) -> None:
+    layout = three_segments()
+    end_of_1 = layout.starts[2]
+    # Cut inside segment 1's body: segments 0 is the last complete one.
+    cut_1 = layout.starts[1] + 64 + 5000
+    assert append_point(write(tmp_path / "f", layout.data[:cut_1])) == (layout.starts[1], 42)
+    # Payload CRC of the last segment broken.
+    data = bytearray(layout.data)
+    data[layout.starts[2] + 64 + 8] ^= 1
+    assert append_point(write(tmp_path / "f", data)) == (end_of_1, 43)
+    # Last segment's header cut short.
+    assert append_point(write(tmp_path / "f", layout.data[: end_of_1 + 30])) == (end_of_1, 43)
+
+
+def test_append_point_accepts_a_last_segment_without_its_padding(tmp_path: Path) -> None:
+    layout = three_segments()
+    cut = layout.starts[2] + 64 + layout.useds[2]
+    assert append_point(write(tmp_path / "f", layout.data[:cut])) == (len(layout.data), 44)
+
+
+def test_append_point_with_trailing_zeros(tmp_path: Path, limits: str) -> None:
+    layout = three_segments()
+    for tail in (1, BLOCK, 40 * BLOCK + 5):
+        path = write(tmp_path / "f", layout.data + bytes(tail))
+        assert append_point(path) == (len(layout.data), 44)
+
+
+def test_append_point_without_any_valid_segment(tmp_path: Path, limits: str) -> None:
+    assert append_point(write(tmp_path / "f", random.Random(90).randbytes(5 * BLOCK))) == (0, 0)
+    assert append_point(write(tmp_path / "f", bytes(7 * BLOCK))) == (0, 0)
+
+
+def test_append_point_after_a_hole_is_past_the_last_valid_segment(tmp_path: Path) -> None:
+    # Out-of-order writes: segment 1 never made it, segment 2 did.
+    layout = three_segments()
+    data = bytearray(layout.data)
+    data[layout.starts[1] : layout.starts[2]] = bytes(layout.starts[2] - layout.starts[1])
+    assert append_point(write(tmp_path / "f", data)) == (len(layout.data), 44)
+
+
+def test_append_point_ignores_a_misplaced_segment(tmp_path: Path) -> None:
+    layout = three_segments()
+    stale = build_segment(payloads(91, [5]), seq=99, address=0)
+    path = write(tmp_path / "f", layout.data + stale)
+    assert append_point(path) == (len(layout.data), 44)
+
+
+def test_append_point_does_not_move_the_file_position(tmp_path: Path) -> None:
+    path = write(tmp_path / "f", three_segments().data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 123, os.SEEK_SET)
+        find_append_point(fd)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 123
+    finally:
+        os.close(fd)
+
+
+def test_append_point_works_on_an_o_direct_fd(tmp_path: Path, limits: str) -> None:
+    # The flusher's own fd is opened with O_DIRECT; unaligned reads would fail.
+    layout = three_segments()
+    path = write(tmp_path / "f", layout.data[: layout.starts[2] + 40])
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            pytest.skip("file system does not support O_DIRECT")
+        raise
+    try:
+        assert find_append_point(fd) == (layout.starts[2], 43)
+    finally:
+        os.close(fd)
