@@ -1,0 +1,300 @@
+"""Protocol-level tests, driven step by step in one process.
+
+The ring here has no flusher process: the test drives a ``Flusher`` object by
+hand, so it can stop the protocol at exactly the interleaving it wants.  Each
+regression test is named after a defect of the Rust crate listed in the design
+notes (section 3).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import shmflush
+from shmflush import _format, _proc
+from shmflush import _layout as L
+from shmflush._api import Ring
+from shmflush._flusher import Flusher
+from shmflush._ring import MOVED
+from shmflush._ring import Ring as Core
+
+
+@dataclass
+class Bare:
+    core: Core
+    ring: Ring
+    flusher: Flusher
+    path: Path
+    fd: int
+
+    def flush(self) -> None:
+        """One flusher pass, without the time-based seal."""
+        self.flusher.take_ready()
+        self.flusher.flush_pending(0.0)
+
+    def records(self) -> list[bytes]:
+        return list(shmflush.read(self.path))
+
+
+def make_bare(
+    name: str, path: Path, buffer_size: int = 8192, buffers: int = 4, lanes: int = 1
+) -> Bare:
+    g = L.Geometry(buffer_size, buffers, lanes, 16)
+    mm = L.create_segment(name, g.total_size, 0o600, exist_ok=False)
+    view = memoryview(mm)
+    L.init_header(
+        view,
+        g,
+        sync=0,
+        flush_interval_ns=10**9,
+        owner=os.getpid(),
+        owner_start=_proc.start_time(os.getpid()),
+        next_address=0,
+        next_seq=0,
+    )
+    view.release()
+    core = Core(name, mm, g)
+    core.create_semaphores(0o600)
+    # "The flusher" is this process: writers that wait check that it is alive.
+    core.set_header(L.H_FLUSHER_PID, os.getpid())
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    return Bare(core, Ring(core), Flusher(core, fd), path, fd)
+
+
+@pytest.fixture
+def bare(ring_name: str, tmp_path: Path) -> Iterator[Bare]:
+    b = make_bare(ring_name, tmp_path / "p.log")
+    try:
+        yield b
+    finally:
+        b.ring.close()
+        os.close(b.fd)
+        L.unlink_segment(ring_name)
+
+
+def test_sealer_payload_is_not_dropped(bare: Bare) -> None:
+    # The record that crosses capacity seals the fill with no other writer left;
+    # its own payload must land in the next fill, not vanish.
+    big = bare.core.max_record - 100
+    bare.ring.append(b"a" * big)
+    bare.ring.append(b"b" * 500)  # crosses capacity: this writer closes fill 1
+    assert bare.core.state(0) & L.CLOSED
+    bare.core.seal(bare.core.words[bare.core.lane_w[0]] & L.LANE_INDEX_MASK)
+    bare.flush()
+    assert bare.records() == [b"a" * big, b"b" * 500]
+
+
+def test_flush_waits_for_the_file_address(bare: Bare) -> None:
+    # A fill that is sealed but not yet closed has no address: the flusher must not
+    # take it, even with no writers left.
+    bare.ring.append(b"x" * 10)
+    i = bare.core.words[bare.core.lane_w[0]] & L.LANE_INDEX_MASK
+    from shmflush import _atomic
+
+    _atomic.fetch_or(bare.core.state_addr[i], L.SEALED, 5)  # sealed, not closed
+    bare.flusher.take_ready()
+    assert bare.flusher.pending == []
+    # Closing it (as the sealer would) makes it eligible.
+    bare.core._close_fill(i, bare.core.state(i) >> 32)
+    _atomic.fetch_or(bare.core.state_addr[i], L.CLOSED, 5)
+    bare.flush()
+    assert bare.records() == [b"x" * 10]
+
+
+def test_addresses_advance_by_padded_sizes(bare: Bare) -> None:
+    addresses = []
+    for n in (1, 100, 3000, 5000, 0):
+        bare.ring.append(b"z" * n)
+        i = bare.core.words[bare.core.lane_w[0]] & L.LANE_INDEX_MASK
+        bare.core.seal(i)
+        addresses.append(
+            (bare.core.words[bare.core.address_w[i]], bare.core.words[bare.core.used_w[i]])
+        )
+        bare.flush()
+    for (a, used), (b, _) in zip(addresses, addresses[1:], strict=False):
+        assert a % 4096 == 0
+        assert b == a + _format.segment_size(used)
+    assert os.path.getsize(bare.path) % 4096 == 0
+    assert bare.records() == [b"z" * n for n in (1, 100, 3000, 5000, 0)]
+
+
+@pytest.mark.parametrize("buffer_size", [8192, 2 << 20])
+def test_capacity_check_uses_configured_size(
+    ring_name: str, tmp_path: Path, buffer_size: int
+) -> None:
+    b = make_bare(ring_name, tmp_path / "c.log", buffer_size=buffer_size)
+    try:
+        assert b.ring.max_record == buffer_size - 64 - 8
+        b.ring.append(b"m" * b.ring.max_record)
+        with pytest.raises(shmflush.RecordTooLargeError):
+            b.ring.append(b"m" * (b.ring.max_record + 1))
+        b.core.seal(b.core.words[b.core.lane_w[0]] & L.LANE_INDEX_MASK)
+        b.flush()
+        assert b.records() == [b"m" * b.ring.max_record]
+    finally:
+        b.ring.close()
+        os.close(b.fd)
+        L.unlink_segment(ring_name)
+
+
+def test_stale_claim_in_recycled_buffer_is_abandoned_and_buffer_freed(
+    ring_name: str, tmp_path: Path
+) -> None:
+    # Lane 0 still names (old fill, buffer x) while x was recycled and reopened as
+    # lane 1's fill: exactly what a writer sees if it reads the lane word, sleeps,
+    # and claims later.  The claim must not be used; the buffer must not wedge.
+    b = make_bare(ring_name, tmp_path / "s.log", buffers=4, lanes=2)
+    core = b.core
+    try:
+        b.ring.append(b"first")  # lane 0 (this thread's slot 0) opens its fill
+        lw0 = core.words[core.lane_w[0]]
+        x = lw0 & L.LANE_INDEX_MASK
+        core.seal(x)
+        b.flush()  # x's fill is written; x is IDLE again, lane 0 still names it
+        assert core.state(x) & L.IDLE
+        lw1 = core.words[core.lane_w[1]]
+        # Make lane 1 take x: occupy every other idle buffer first.
+        others = [j for j in range(4) if j != x and core.state(j) & L.IDLE]
+        for j in others:
+            assert core._reserve(prefer=j) == j
+        # Lane 1's own buffer is among them: renumber it, as a rotator that took
+        # it would, so that lane 1's fill counts as done.
+        core.words[core.fill_w[lw1 & L.LANE_INDEX_MASK]] = 999
+        assert core.rotate(1, lw1) == MOVED
+        assert core.words[core.lane_w[1]] & L.LANE_INDEX_MASK == x
+        for j in others:
+            core._unreserve(j)
+        # Lane 0's word is now stale: (old fill, x) while x holds lane 1's fill.
+        assert core.words[core.lane_w[0]] == lw0
+        b.ring.append(b"second")
+        assert b.ring.stats().abandoned == 1
+        assert core.words[core.lane_w[0]] != lw0  # lane 0 moved on
+        for k in (0, 1):
+            core.seal(core.words[core.lane_w[k]] & L.LANE_INDEX_MASK)
+        b.flush()
+        assert all(core.state(j) & L.IDLE for j in range(4)), "a buffer never became free"
+        reader = shmflush.read(b.path)
+        assert list(reader) == [b"first", b"second"]
+        assert reader.abandoned == 1
+    finally:
+        b.ring.close()
+        os.close(b.fd)
+        L.unlink_segment(ring_name)
+
+
+def test_padding_is_zero_not_stale_data(bare: Bare) -> None:
+    core = bare.core
+    bare.ring.append(b"\xff" * 7000)
+    i = core.words[core.lane_w[0]] & L.LANE_INDEX_MASK
+    core.seal(i)
+    bare.flush()
+    start = core.buffer_at[i]
+    assert not any(core.view[start : start + core.geometry.buffer_size]), "buffer not zeroed"
+    # Reuse the same buffer with a short record: its padding must be zeros.
+    bare.ring.append(b"\x01" * 10)
+    j = core.words[core.lane_w[0]] & L.LANE_INDEX_MASK
+    core.seal(j)
+    address = core.words[core.address_w[j]]
+    bare.flush()
+    data = bare.path.read_bytes()[address : address + 4096]
+    used_end = 64 + _format.record_size(10)
+    assert data[64 + 8 : 64 + 18] == b"\x01" * 10
+    assert not any(data[used_end:])
+
+
+def test_manual_flush_waits_for_active_writers(bare: Bare) -> None:
+    # sync() seals the open fill, but the flusher must not write it while a
+    # reservation in it is still being filled (torn records).
+    entered = threading.Event()
+    release = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with bare.ring.reserve(1000) as view:
+                view[:500] = b"h" * 500
+                entered.set()
+                assert release.wait(10)
+                view[500:] = b"t" * 500
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert entered.wait(10)
+        i = bare.core.words[bare.core.lane_w[0]] & L.LANE_INDEX_MASK
+        bare.core.seal(i)
+        bare.flush()
+        assert bare.flusher.pending == []
+        assert bare.path.stat().st_size == 0, "a fill with an active writer was written"
+    finally:
+        release.set()
+        t.join(10)
+    assert not t.is_alive()
+    assert errors == []
+    bare.flush()
+    assert bare.records() == [b"h" * 500 + b"t" * 500]
+
+
+class _ShortWriteFile:
+    """os.pwrite stand-in that writes at most 1000 bytes per call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = os.pwrite
+
+    def __call__(self, fd: int, data: memoryview, offset: int) -> int:
+        self.calls += 1
+        return self.real(fd, data[:1000], offset)
+
+
+def test_short_writes_are_completed_not_counted_as_success(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = _ShortWriteFile()
+    monkeypatch.setattr(os, "pwrite", short)
+    payloads = [bytes([k]) * 3000 for k in range(1, 6)]
+    for p in payloads:
+        bare.ring.append(p)
+    for i in range(4):
+        bare.core.seal(i)
+    bare.flush()
+    assert short.calls > 5
+    assert bare.records() == payloads
+
+
+def test_failed_write_keeps_buffer_and_breaks_ring(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    bare.ring.append(b"keep me")
+    i = bare.core.words[bare.core.lane_w[0]] & L.LANE_INDEX_MASK
+    bare.core.seal(i)
+
+    def full_disk(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    bare.flush()
+    # Not leaked, not reset: still taken and pending, with the error in shared memory.
+    assert bare.flusher.pending == [i]
+    assert not bare.core.state(i) & L.IDLE
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.append(b"more")
+    assert info.value.errno == errno.ENOSPC
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(shmflush.RingBrokenError):
+        bare.ring.sync(timeout=1)
+    # Space comes back: the retry writes the kept buffer.
+    monkeypatch.undo()
+    bare.flusher.flush_pending(1e9)
+    assert bare.records() == [b"keep me"]
+    assert bare.core.state(i) & L.IDLE
