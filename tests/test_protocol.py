@@ -8,6 +8,7 @@ notes (section 3).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -117,7 +118,7 @@ def test_addresses_advance_by_padded_sizes(bare: Bare) -> None:
             (bare.core.words[bare.core.address_w[i]], bare.core.words[bare.core.used_w[i]])
         )
         bare.flush()
-    for (a, used), (b, _) in zip(addresses, addresses[1:], strict=False):
+    for (a, used), (b, _) in itertools.pairwise(addresses):
         assert a % 4096 == 0
         assert b == a + _format.segment_size(used)
     assert os.path.getsize(bare.path) % 4096 == 0
@@ -222,7 +223,7 @@ def test_manual_flush_waits_for_active_writers(bare: Bare) -> None:
                 entered.set()
                 assert release.wait(10)
                 view[500:] = b"t" * 500
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=writer)
