@@ -349,6 +349,12 @@ class Ring:
         j = self._reserve(prefer=lane_word & L.LANE_INDEX_MASK)
         if j < 0:
             return NO_SPACE
+        if self.words[self.status_w] & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
+            # Checked again after reserving: the flusher's final drain either sees
+            # this buffer RESERVED (and waits) or we see CLOSING here (and back off),
+            # so no fill opens after the last drain.
+            self._unreserve(j)
+            return NO_SPACE
         fill = int(_fetch_add(self.base + L.H_FILL_COUNTER, 1, SEQ_CST))
         # Plain store, published by the lane CAS below (and by the open CAS to
         # anyone who claims in this buffer).
