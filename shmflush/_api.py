@@ -345,7 +345,7 @@ class Ring:
         if not old & _SEALED and off <= core.capacity:
             core.close_crossing(i, off)  # we crossed capacity: we close the fill
         else:
-            core.release(i)
+            core.reject(i, old)
         deadline = None if timeout is None else time.monotonic() + timeout
         self._waits += core.advance(slot.lane, lane_word, deadline)
 
@@ -396,7 +396,7 @@ class Ring:
                     if not old & _SEALED and off <= core.capacity:
                         core.close_crossing(i, off)
                     else:
-                        core.release(i)
+                        core.reject(i, old)
                     self._waits += core.advance(slot.lane, lane_word, deadline)
                     continue
             at = core.records_at[i] + off

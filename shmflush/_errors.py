@@ -31,7 +31,10 @@ class RingBrokenError(ShmflushError):
     def __init__(self, message: str, errno: int = 0) -> None:
         self.errno = errno
         self.strerror = os.strerror(errno) if errno else ""
-        super().__init__(message)
+        super().__init__(message, errno)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class RingTimeoutError(ShmflushError, TimeoutError):
@@ -48,6 +51,10 @@ class RingNotFoundError(ShmflushError, FileNotFoundError):
     def __init__(self, name: str) -> None:
         super().__init__(_errno.ENOENT, f"no shmflush ring named {name!r} on this host", name)
 
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        # Rebuild from the name, so the error crosses process boundaries (pickle).
+        return type(self), (str(self.filename),)
+
 
 class RingExistsError(ShmflushError, FileExistsError):
     """A ring of that name already exists (pass ``exist_ok=True`` to replace it)."""
@@ -58,6 +65,9 @@ class RingExistsError(ShmflushError, FileExistsError):
             f"a shmflush ring named {name!r} already exists; pass exist_ok=True to replace it",
             name,
         )
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (str(self.filename),)
 
 
 class CorruptRingError(ShmflushError):
@@ -76,3 +86,6 @@ class CorruptFileError(ShmflushError):
         self.offset = offset
         self.reason = reason
         super().__init__(f"{path}: corrupt data at byte offset {offset}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str]]:
+        return type(self), (self.path, self.offset, self.reason)

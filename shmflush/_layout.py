@@ -278,12 +278,13 @@ def read_geometry(view: memoryview, actual_size: int, name: str) -> Geometry:
     if bytes(view[H_MAGIC : H_MAGIC + 8]) != MAGIC:
         raise CorruptRingError(f"ring {name!r}: bad magic; not a shmflush ring")
     words = view[:HEADER_SIZE].cast("Q")
-    version = words[H_VERSION // 8]
-    if version != LAYOUT_VERSION:
-        raise CorruptRingError(
-            f"ring {name!r}: layout version {version}, this shmflush understands {LAYOUT_VERSION}"
-        )
     try:
+        version = words[H_VERSION // 8]
+        if version != LAYOUT_VERSION:
+            raise CorruptRingError(
+                f"ring {name!r}: layout version {version}, this shmflush understands "
+                f"{LAYOUT_VERSION}"
+            )
         geometry = Geometry(
             buffer_size=words[H_BUFFER_SIZE // 8],
             buffers=words[H_BUFFERS // 8],

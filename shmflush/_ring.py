@@ -41,9 +41,11 @@ writer compares the descriptor's fill number with the one it read; on a mismatch
 it turns its range into an ABANDONED record and retries (the Rust crate's
 "claim in a buffer that is not current" bug).
 
-Overshoot bound.  Failed claims leave their size in the offset field.  While a
-fill is open, at most ``max_writers`` claims are in flight (each holds a lease
-slot), so an offset never exceeds ``capacity + max_writers * faa_limit < 2**32``;
+Overshoot bound.  Failed claims leave their size in the offset field.  A failed
+claim on a fill that is still unsealed seals it before retrying (``reject``), so
+while a fill is open each of the at most ``max_writers`` writers (one lease slot
+each) adds at most once beyond capacity, and an offset never exceeds
+``capacity + max_writers * faa_limit < 2**32``;
 claims larger than ``faa_limit`` use a compare-and-swap that never overshoots.
 Sealed buffers may accumulate anything there: opening resets the offset.
 """
@@ -248,6 +250,21 @@ class Ring:
         prev = _fetch_add(self.state_addr[i], _CLOSE_AND_RELEASE, SEQ_CST)
         if (prev & L.WRITER_MASK) == L.WRITER_ONE:
             self.wake_flusher()
+
+    def reject(self, i: int, old: int) -> None:
+        """Undo a failed claim that was not the crossing one (its previous word *old*
+        was sealed, or already past capacity).
+
+        Past capacity but not yet sealed means the crossing writer is between its
+        fetch-and-add and its seal.  We seal on its behalf before we let go: were we
+        to retry while the fill stays unsealed, every retry would add to the offset
+        and could wrap it past 2**32, letting a claim land on existing records.  So
+        each writer adds at most once to an over-full open fill, which is what the
+        overshoot bound counts on.  The crossing writer still closes the fill.
+        """
+        if not old & L.SEALED:
+            _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
+        self.release(i)
 
     def seal(self, i: int) -> bool:
         """Seal buffer *i*'s open fill (time-based seal, sync, close, large claims).

@@ -1,0 +1,109 @@
+"""The public surface of the package (shmflush/__init__.py)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import shmflush
+
+PUBLIC = {
+    "CorruptFileError",
+    "CorruptRingError",
+    "Damage",
+    "DirectIOWarning",
+    "Reader",
+    "RecordTooLargeError",
+    "Ring",
+    "RingBrokenError",
+    "RingClosedError",
+    "RingExistsError",
+    "RingNotFoundError",
+    "RingTimeoutError",
+    "ShmflushError",
+    "Stats",
+    "attach",
+    "create",
+    "read",
+}
+
+ERRORS = {
+    "CorruptFileError",
+    "CorruptRingError",
+    "RecordTooLargeError",
+    "RingBrokenError",
+    "RingClosedError",
+    "RingExistsError",
+    "RingNotFoundError",
+    "RingTimeoutError",
+    "ShmflushError",
+}
+
+
+def test_all_is_exactly_the_public_surface() -> None:
+    assert len(shmflush.__all__) == len(set(shmflush.__all__))  # no duplicates
+    assert set(shmflush.__all__) == PUBLIC
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_every_exported_name_exists_and_is_documented(name: str) -> None:
+    doc = (getattr(shmflush, name).__doc__ or "").strip()
+    assert doc
+    # A dataclass without a docstring gets its signature as one.
+    assert not doc.startswith(f"{name}(")
+
+
+def test_no_public_attribute_outside_all() -> None:
+    public = {name for name in vars(shmflush) if not name.startswith("_")}
+    assert public - set(shmflush.__all__) == set()
+
+
+def test_version_matches_pyproject() -> None:
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    with pyproject.open("rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert shmflush.__version__ == version
+
+
+def test_every_exported_exception_is_exactly_the_error_set() -> None:
+    exceptions = {
+        name
+        for name in shmflush.__all__
+        if isinstance(getattr(shmflush, name), type)
+        and issubclass(getattr(shmflush, name), BaseException)
+        and not issubclass(getattr(shmflush, name), Warning)
+    }
+    assert exceptions == ERRORS
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_every_error_derives_from_shmflush_error(name: str) -> None:
+    assert issubclass(getattr(shmflush, name), shmflush.ShmflushError)
+
+
+def test_shmflush_error_is_an_ordinary_exception() -> None:
+    assert issubclass(shmflush.ShmflushError, Exception)
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (shmflush.RingTimeoutError, TimeoutError),
+        (shmflush.RecordTooLargeError, ValueError),
+        (shmflush.RingNotFoundError, FileNotFoundError),
+        (shmflush.RingExistsError, FileExistsError),
+    ],
+    ids=lambda cls: cls.__name__,
+)
+def test_error_is_also_the_builtin_that_callers_catch(
+    error: type[Exception], builtin: type[Exception]
+) -> None:
+    assert issubclass(error, builtin)
+    assert issubclass(error, shmflush.ShmflushError)
+
+
+def test_direct_io_warning_is_a_warning_not_an_error() -> None:
+    assert issubclass(shmflush.DirectIOWarning, RuntimeWarning)
+    assert not issubclass(shmflush.DirectIOWarning, shmflush.ShmflushError)
