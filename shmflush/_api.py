@@ -24,6 +24,7 @@ from ._errors import (
     RecordTooLargeError,
     RingBrokenError,
     RingClosedError,
+    RingExistsError,
     RingTimeoutError,
     ShmflushError,
 )
@@ -137,7 +138,6 @@ class Ring:
         self._slots_lock = threading.Lock()
         self._records = 0
         self._bytes = 0
-        self._waits = 0
         self._abandoned = 0
         self.name = core.name
         # Hot-path constants and bound callables, cached once.
@@ -160,7 +160,9 @@ class Ring:
         self._slots = []
         self._slots_lock = threading.Lock()
         self._flusher = None
-        self._records = self._bytes = self._waits = self._abandoned = 0
+        self._records = self._bytes = self._abandoned = 0
+        if self._core is not None:
+            self._core.waits = 0
 
     def __enter__(self) -> Ring:
         return self
@@ -347,7 +349,7 @@ class Ring:
         else:
             core.reject(i, old)
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._waits += core.advance(slot.lane, lane_word, deadline)
+        core.advance(slot.lane, lane_word, deadline)
 
     def _append_slow(
         self, slot: _ThreadSlot, data: Any, n: int, size: int, timeout: float | None
@@ -387,7 +389,7 @@ class Ring:
             if size > core.faa_limit:
                 off = core.claim_large(i, size)
                 if off < 0:
-                    self._waits += core.advance(slot.lane, lane_word, deadline)
+                    core.advance(slot.lane, lane_word, deadline)
                     continue
             else:
                 old = _atomic.fetch_add(core.state_addr[i], L.claim_delta(size), 5)
@@ -397,7 +399,7 @@ class Ring:
                         core.close_crossing(i, off)
                     else:
                         core.reject(i, old)
-                    self._waits += core.advance(slot.lane, lane_word, deadline)
+                    core.advance(slot.lane, lane_word, deadline)
                     continue
             at = core.records_at[i] + off
             if words[core.fill_w[i]] != lane_word >> _FILL_SHIFT:
@@ -506,7 +508,7 @@ class Ring:
             name=self.name,
             records=self._records,
             bytes=self._bytes,
-            waits=self._waits,
+            waits=core.waits,
             abandoned=self._abandoned,
             buffers_flushed=core.header(L.H_BUFFERS_FLUSHED),
             bytes_written=core.header(L.H_BYTES_WRITTEN),
@@ -651,18 +653,26 @@ def create(
     return ring
 
 
-def _remove_dead_ring(name: str) -> None:
+def _remove_dead_ring(name: str, wait: float = 10.0) -> None:
+    """Unlink ring *name* if its owner is dead (for ``exist_ok=True``).
+
+    A dead owner's flusher drains the ring on its own and then exits; wait for it,
+    so that its data reaches its file and its lock on that file is gone.
+    """
     try:
         core = attach_ring(name)
     except ShmflushError:
         L.unlink_segment(name)  # missing, half-made or corrupt: nothing to keep
         return
     try:
-        owner = core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START)
-        if _proc.is_alive(*owner):
-            from ._errors import RingExistsError  # noqa: PLC0415
-
+        if _proc.is_alive(core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START)):
             raise RingExistsError(name)
+        flusher = core.header(L.H_FLUSHER_PID), core.header(L.H_FLUSHER_START)
+        deadline = time.monotonic() + wait
+        while _proc.is_alive(*flusher):
+            if time.monotonic() > deadline:
+                raise RingExistsError(name)
+            time.sleep(0.01)
     finally:
         core.unmap()
     L.unlink_segment(name)

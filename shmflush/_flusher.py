@@ -41,6 +41,7 @@ import posix_ipc
 from . import _format, _proc
 from . import _layout as L
 from ._atomic import compare_exchange as _cas
+from ._errors import ShmflushError
 from ._ring import Ring, attach_ring
 
 _READY = L.SEALED | L.CLOSED
@@ -198,10 +199,11 @@ class Flusher:
             self.retry_at = now + self.retry_pause
             self.retry_pause = min(self.retry_pause * 2, 1.0)
             return
-        for i in self.pending:
-            self.reset(i)
+        # Counters first: a sync() that returns once its buffers are IDLE must see them.
         ring.set_header(L.H_BUFFERS_FLUSHED, ring.header(L.H_BUFFERS_FLUSHED) + len(done))
         ring.set_header(L.H_BYTES_WRITTEN, ring.header(L.H_BYTES_WRITTEN) + written)
+        for i in self.pending:
+            self.reset(i)
         self.pending.clear()
         self.retry_pause = 0.05
         ring.post_space()
@@ -252,6 +254,19 @@ class Flusher:
                 wait = 0.001
 
 
+def _unlink_if_same(name: str, ring_id: int) -> None:
+    try:
+        current = attach_ring(name)
+    except ShmflushError:
+        return
+    try:
+        same = current.header(L.H_RING_ID) == ring_id
+    finally:
+        current.unmap()
+    if same:
+        L.unlink_segment(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shmflush flusher")
     parser.add_argument("name")
@@ -275,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         if ring.status() & L.STATUS_BROKEN and not _proc.is_alive(
             ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)
         ):
-            # Nobody else will unlink it: the owner is gone.
-            L.unlink_segment(args.name)
+            # Nobody else will unlink it: the owner is gone.  But only if the name
+            # still means *this* ring: create(exist_ok=True) may have replaced it.
+            _unlink_if_same(args.name, ring.header(L.H_RING_ID))
         return status
     finally:
         os.close(args.fd)

@@ -13,7 +13,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       48    max_writers (lease slots)           |  every attach
       56    sync level (0 none, 1 data)         |
       64    flush_interval in ns               -+
-      72    owner pid        80  owner start time (clock ticks)
+      72    owner pid        80  owner start time (clock ticks)   88  ring id (random)
       128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
       192   status        200 error errno   208 error buffer   216 waiters
       256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
@@ -95,6 +95,7 @@ H_SYNC: Final = 56
 H_FLUSH_INTERVAL_NS: Final = 64
 H_OWNER_PID: Final = 72
 H_OWNER_START: Final = 80
+H_RING_ID: Final = 88  # random per creation: tells a ring from a later one of the same name
 H_NEXT_ADDRESS: Final = 128
 H_NEXT_SEQ: Final = 136
 H_FILL_COUNTER: Final = 144
@@ -336,6 +337,7 @@ def init_header(
         words[H_FLUSH_INTERVAL_NS // 8] = flush_interval_ns
         words[H_OWNER_PID // 8] = owner
         words[H_OWNER_START // 8] = owner_start
+        words[H_RING_ID // 8] = int.from_bytes(os.urandom(8), "little")
         words[H_NEXT_ADDRESS // 8] = next_address
         words[H_NEXT_SEQ // 8] = next_seq
         # Fill numbers start at 1, so fill 0 (the lanes' initial value) is never open.

@@ -123,6 +123,7 @@ class Ring:
         self.lane_w = [g.lane(k) // 8 for k in range(g.lanes)]
         self.lane_addr = [base + g.lane(k) for k in range(g.lanes)]
         self.status_w = L.H_STATUS // 8
+        self.waits = 0  # times this handle blocked for space (Stats.waits)
         flush_name, space_name = L.semaphore_names(name)
         self.flush_sem: posix_ipc.Semaphore | None = None
         self.space_sem: posix_ipc.Semaphore | None = None
@@ -383,34 +384,33 @@ class Ring:
             self._open(j)
         return MOVED
 
-    def advance(self, lane: int, lane_word: int, deadline: float | None) -> int:
+    def advance(self, lane: int, lane_word: int, deadline: float | None) -> None:
         """After a failed claim: return once *lane* names another fill.
 
         Rotates the lane when possible, otherwise waits, for the closer of the
-        current fill (microseconds) or for the flusher to free a buffer.  Returns
-        the number of times it had to wait for space.  Never spins a core: waits
-        for space block on a semaphore, waits for a closer sleep.
+        current fill (microseconds) or for the flusher to free a buffer; each wait
+        for space counts in ``self.waits``.  Never spins a core: waits for space
+        block on a semaphore, waits for a closer sleep.
         """
-        waits = 0
         nap = 20e-6
         words = self.words
         lane_w = self.lane_w[lane]
         while True:
             self.check_status()
             if words[lane_w] != lane_word:
-                return waits
+                return
             result = self.rotate(lane, lane_word)
             if result == MOVED:
-                return waits
+                return
             if deadline is not None and time.monotonic() >= deadline:
                 raise RingTimeoutError(f"ring {self.name!r}: no buffer space before timeout")
             if result == NOT_DONE:
                 if not self.state(lane_word & L.LANE_INDEX_MASK) & L.SEALED:
-                    return waits  # the fill is open again: retry the claim
+                    return  # the fill is open again: retry the claim
                 time.sleep(nap)
                 nap = min(nap * 2, 2e-3)
                 continue
-            waits += 1
+            self.waits += 1
             self.wait_for_space(deadline, lane, lane_word)
 
     def wait_for_space(self, deadline: float | None, lane: int, lane_word: int) -> None:

@@ -405,9 +405,7 @@ CORRUPTIONS = [
     pytest.param(
         lambda m: {_layout.H_MAGIC: int.from_bytes(b"NOTARING", "little")}, "bad magic", id="magic"
     ),
-    pytest.param(
-        lambda m: {_layout.H_VERSION: 2}, "layout version 2", id="version"
-    ),
+    pytest.param(lambda m: {_layout.H_VERSION: 2}, "layout version 2", id="version"),
     pytest.param(
         lambda m: {_layout.H_BUFFER_SIZE: 8192 + 8},
         "buffer_size",
