@@ -17,7 +17,7 @@ from ._errors import (
     RingTimeoutError,
     ShmflushError,
 )
-from ._reader import Damage, Reader, read
+from ._reader import Damage, Reader, read, read_array
 
 __all__ = [
     "CorruptFileError",
@@ -37,6 +37,7 @@ __all__ = [
     "attach",
     "create",
     "read",
+    "read_array",
 ]
 
 __version__ = "0.1.0"

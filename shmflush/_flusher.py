@@ -140,9 +140,8 @@ class Flusher:
         addr = ring.state_addr[i]
         st = ring.state(i)
         while True:
-            # Keep writer counts: rejected stale claims will release them.
-            new = (st & L.WRITER_MASK) | L.IDLE | L.SEALED
-            ok, st = _cas(addr, st, new)
+            # A loop, not a store: stale claims may be adding to the offset.
+            ok, st = _cas(addr, st, L.IDLE | L.SEALED)
             if ok:
                 return
 
@@ -166,14 +165,26 @@ class Flusher:
                 ring.seal(i)
                 self.first_seen.pop(i, None)
 
-    def take_ready(self) -> None:
+    def take_ready(self) -> bool:
+        """Take every closed fill whose claims are all committed.  Returns True if
+        a closed fill is still waiting for a writer to finish its copy."""
         ring = self.ring
+        words = ring.words
+        incomplete = False
         for i in range(ring.geometry.buffers):
             st = ring.state(i)
-            if (st & (_READY | L.FLUSHING)) == _READY and not st & L.WRITER_MASK:
-                ok, _ = _cas(ring.state_addr[i], st, st | L.FLUSHING)
-                if ok:
-                    self.pending.append(i)
+            if (st & (_READY | L.FLUSHING)) != _READY:
+                continue
+            used = words[ring.used_w[i]]
+            if ring.committed(i) != used:
+                incomplete = True
+                continue
+            ok, _ = _cas(ring.state_addr[i], st, st | L.FLUSHING)
+            if ok:
+                # The next fill of this buffer starts counting from here.
+                words[ring.base_w[i]] = (words[ring.base_w[i]] + used) & L.WORD_MASK
+                self.pending.append(i)
+        return incomplete
 
     def flush_pending(self, now: float) -> None:
         ring = self.ring
@@ -222,7 +233,7 @@ class Flusher:
         sem = ring.flush_sem
         assert sem is not None
         owner = ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)
-        wait = min(max(self.interval / 2, 0.001), 0.05)
+        idle_wait = wait = min(max(self.interval / 2, 0.001), 0.05)
         next_owner_check = 0.0
         closing_since = 0.0
         while True:
@@ -238,8 +249,11 @@ class Flusher:
                     ring.set_status(L.STATUS_CLOSING | L.STATUS_BROKEN)
             closing = bool(ring.status() & L.STATUS_CLOSING)
             self.seal_due(now, closing)
-            self.take_ready()
+            incomplete = self.take_ready()
             self.flush_pending(now)
+            # A closed fill waits for writers still copying (microseconds): look
+            # again soon rather than after a whole interval.
+            wait = 0.0002 if incomplete else idle_wait
             if closing:
                 if not closing_since:
                     closing_since = now

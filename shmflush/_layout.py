@@ -21,6 +21,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
     512                          64 * lanes      lane table: +0 lane word (below)
     LANES_END                    64 * buffers    buffer descriptors (below)
     DESC_END                     64 * max_writers lease slots (below)
+    LEASES_END                   8 * max_writers * buffers   commit counters (below)
     DATA (4096-aligned)          buffer_size * buffers   the buffers
 
 Every lane and descriptor owns a 64-byte cache line, so writers on different lanes
@@ -34,12 +35,13 @@ Buffer descriptor (64 bytes)::
     +16 address   file offset of the closed fill (written by the closer)
     +24 seq       seal sequence number of the closed fill
     +32 fill      fill number, unique per opening (written before opening)
+    +40 base      sum of the buffer's commit counters when its current fill
+                  opened (advanced by ``used`` when the flusher takes a fill)
 
 State word (64 bits)::
 
     63 .. 32   offset   bytes claimed in the record area (may overshoot, see _ring)
-    31 ..  8   writers  claims in progress
-     7 ..  5   unused
+    31 ..  5   unused (zero)
      4         RESERVED  picked by a rotator, not yet open
      3         IDLE      flushed and zeroed; free for the next fill
      2         CLOSED    used/address/seq are stored: the fill's extent is final
@@ -59,6 +61,17 @@ Lease slot (64 bytes)::
 
     +0  pid (0 = free; taken with a compare-and-swap)   +8  process start time
     +16 thread ident   +24 lane
+    +32 intent: (fill number mod 2**32) << 32 | claim size, stored before a claim's
+        fetch-and-add and zeroed once the claim is committed; 0 = no claim in flight
+
+Commit counters (u64, lease-major: counter (k, i) at LEASES_END + 8 * (k * buffers + i))::
+
+    bytes that lease slot k has committed into buffer i, over all its fills.  Only
+    the slot's holder writes it, with a plain store after the record's bytes, so
+    on x86-64 (total store order) a counter never runs ahead of the bytes it
+    covers.  A fill is complete when the column of buffer i sums to
+    ``base + used``.  Lease-major order keeps each writer's counters on its own
+    cache lines.
 
 Inside a buffer, the first 64 bytes are the segment header of the file format
 (``_format``); records start after it.
@@ -81,7 +94,7 @@ PAGE: Final = 4096
 LINE: Final = 64
 
 MAGIC: Final = b"SHMFLRNG"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 
 # Header fields: byte offsets of u64 words.
 H_MAGIC: Final = 0
@@ -130,6 +143,7 @@ D_USED: Final = 8
 D_ADDRESS: Final = 16
 D_SEQ: Final = 24
 D_FILL: Final = 32
+D_BASE: Final = 40
 
 # Lane word.
 LANE_INDEX_MASK: Final = 0xFFFF
@@ -145,6 +159,7 @@ L_PID: Final = 0
 L_START: Final = 8
 L_TID: Final = 16
 L_LANE: Final = 24
+L_INTENT: Final = 32
 
 # State word.
 SEALED: Final = 1 << 0
@@ -153,9 +168,6 @@ CLOSED: Final = 1 << 2
 IDLE: Final = 1 << 3
 RESERVED: Final = 1 << 4
 FLAG_MASK: Final = 0xFF
-WRITER_SHIFT: Final = 8
-WRITER_ONE: Final = 1 << WRITER_SHIFT
-WRITER_MASK: Final = 0xFFFFFF << WRITER_SHIFT
 OFFSET_SHIFT: Final = 32
 OFFSET_MASK: Final = 0xFFFFFFFF << OFFSET_SHIFT
 WORD_MASK: Final = (1 << 64) - 1
@@ -165,10 +177,7 @@ MIN_BUFFER_SIZE: Final = PAGE
 MAX_BUFFER_SIZE: Final = 1 << 30  # the offset field is 32 bits; see _ring's overshoot bound
 MAX_BUFFERS: Final = 1 << 16
 MAX_WRITERS: Final = 1 << 16
-
-
-def writers(state: int) -> int:
-    return (state & WRITER_MASK) >> WRITER_SHIFT
+MAX_COMMIT_COUNTERS: Final = 1 << 22  # 32 MiB of counters
 
 
 def offset(state: int) -> int:
@@ -176,13 +185,12 @@ def offset(state: int) -> int:
 
 
 def claim_delta(size: int) -> int:
-    """What a claim of *size* bytes adds to a state word: offset and writer count
-    move together in one fetch-and-add."""
-    return (size << OFFSET_SHIFT) | WRITER_ONE
+    """What a claim of *size* bytes adds to a state word."""
+    return size << OFFSET_SHIFT
 
 
-def pack_state(off: int, nwriters: int, flags: int) -> int:
-    return (off << OFFSET_SHIFT) | (nwriters << WRITER_SHIFT) | flags
+def pack_state(off: int, flags: int) -> int:
+    return (off << OFFSET_SHIFT) | flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,8 +218,12 @@ class Geometry:
         return self.descriptors_offset + LINE * self.buffers
 
     @property
+    def commits_offset(self) -> int:
+        return self.leases_offset + LINE * self.max_writers
+
+    @property
     def data_offset(self) -> int:
-        end = self.leases_offset + LINE * self.max_writers
+        end = self.commits_offset + 8 * self.max_writers * self.buffers
         return (end + PAGE - 1) // PAGE * PAGE
 
     @property
@@ -236,6 +248,9 @@ class Geometry:
 
     def lease(self, i: int) -> int:
         return self.leases_offset + LINE * i
+
+    def commit(self, k: int, i: int) -> int:
+        return self.commits_offset + 8 * (k * self.buffers + i)
 
     def buffer(self, i: int) -> int:
         return self.data_offset + self.buffer_size * i
@@ -265,6 +280,11 @@ def check_geometry(buffer_size: int, buffers: int, lanes: int, max_writers: int)
         )
     if not 1 <= max_writers <= MAX_WRITERS:
         raise ValueError(f"max_writers must be between 1 and {MAX_WRITERS}, got {max_writers}")
+    if max_writers * buffers > MAX_COMMIT_COUNTERS:
+        raise ValueError(
+            f"max_writers * buffers must be at most {MAX_COMMIT_COUNTERS} (one commit "
+            f"counter each), got {max_writers} * {buffers}"
+        )
 
 
 def read_geometry(view: memoryview, actual_size: int, name: str) -> Geometry:

@@ -15,6 +15,10 @@ import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from ._errors import CorruptFileError
 from ._format import (
@@ -355,6 +359,33 @@ def read(path: str | os.PathLike[str], *, strict: bool = True) -> Reader:
     Raises :class:`OSError` if the file cannot be opened.
     """
     return Reader(path, strict=strict)
+
+
+def read_array(
+    path: str | os.PathLike[str], dtype: Any, *, strict: bool = True
+) -> np.ndarray[Any, Any]:
+    """Read every DATA record of *path* as one element of a numpy array.
+
+    The counterpart of :meth:`Ring.append_array`: every record must be exactly
+    ``numpy.dtype(dtype).itemsize`` bytes, else :class:`ValueError` names the
+    first record that is not.  For rows of a 2-D ``uint8`` array of width w, pass
+    ``dtype=(numpy.uint8, (w,))`` to get the rows back as shape ``(N, w)``.
+    Damage is handled as in :func:`read`.
+    """
+    import numpy as np  # noqa: PLC0415  (only array users pay for numpy)
+
+    dt = np.dtype(dtype)
+    chunks: list[bytes] = []
+    with read(path, strict=strict) as reader:
+        for index, record in enumerate(reader):
+            if len(record) != dt.itemsize:
+                raise ValueError(
+                    f"{os.fspath(path)}: record {index} has {len(record)} bytes, "
+                    f"dtype {dt} needs {dt.itemsize}"
+                )
+            chunks.append(record)
+    # bytearray.join: one copy, and the array is writable.
+    return np.frombuffer(bytearray().join(chunks), dtype=dt)
 
 
 class _AlignedReader:

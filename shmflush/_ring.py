@@ -8,13 +8,12 @@ processes.  The life of one *fill* of a buffer::
       |                                                           seal (fetch_or)
       |                                                                    v
     reset (flusher, after the write is durable)  <--  FLUSHING  <--  SEALED|CLOSED
-                                                 take: writers == 0
+                                                 take: all claims committed
 
-Claims.  A writer adds ``(size << 32) | 1 << 8`` to the state word: offset and
-writer count move together in one fetch-and-add, so every snapshot is
-self-consistent.  The claim succeeded iff the previous word was unsealed and the
-record fits.  Otherwise the claim failed, and exactly one of the failed claims is
-the *crossing* claim: the first whose previous offset was still within capacity.
+Claims.  A writer adds ``size << 32`` to the state word with one fetch-and-add.
+The claim succeeded iff the previous word was unsealed and the record fits.
+Otherwise the claim failed, and exactly one of the failed claims is the
+*crossing* claim: the first whose previous offset was still within capacity.
 Offsets only grow while a fill is open, so the crossing claim is unique, and the
 fill's used length is its previous offset.
 
@@ -27,8 +26,16 @@ fill is closed exactly once (I3), and its address is assigned before the flusher
 can take it, because the flusher only takes CLOSED fills (the Rust crate's stale
 address bug).
 
-Handing over.  The flusher takes a fill when it is SEALED|CLOSED with no writers.
-Whoever brings that about posts the flusher's semaphore; the flusher also scans,
+Committing.  A writer stores its claim (fill, size) in its lease slot before the
+fetch-and-add, copies the payload, writes the record header last, then adds the
+size to its own commit counter for that buffer with a plain store and clears the
+intent.  No second atomic: on x86-64 stores become visible in program order, so
+a counter never covers bytes that are not there yet.  The header comes last so
+that a writer killed mid-copy leaves a zero header, never a valid-looking record.
+
+Handing over.  The flusher takes a fill once it is SEALED|CLOSED and the commit
+counters of its buffer add up to ``base + used``: every successful claim is then
+committed (I2).  Closing posts the flusher's semaphore; the flusher also scans,
 so a lost post costs latency, never data.
 
 Rotation.  A lane word holds (fill number, buffer index).  A lane moves on only
@@ -44,7 +51,7 @@ it turns its range into an ABANDONED record and retries (the Rust crate's
 Overshoot bound.  Failed claims leave their size in the offset field.  A failed
 claim on a fill that is still unsealed seals it before retrying (``reject``), so
 while a fill is open each of the at most ``max_writers`` writers (one lease slot
-each) adds at most once beyond capacity, and an offset never exceeds
+each, one claim in flight) adds at most once beyond capacity, and an offset never exceeds
 ``capacity + max_writers * faa_limit < 2**32``;
 claims larger than ``faa_limit`` use a compare-and-swap that never overshoots.
 Sealed buffers may accumulate anything there: opening resets the offset.
@@ -58,8 +65,9 @@ import mmap
 import os
 import threading
 import time
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
 import posix_ipc
 
 from . import _atomic, _format, _proc
@@ -77,9 +85,6 @@ _cas = _atomic.compare_exchange
 MOVED: Final = 0  # the lane now names another fill (we or somebody else moved it)
 NOT_DONE: Final = 1  # the lane's fill is still open or being closed
 NO_SPACE: Final = 2  # no idle buffer: wait for the flusher
-
-_CLOSE_AND_RELEASE: Final = (L.CLOSED - L.WRITER_ONE) & L.WORD_MASK
-_TAKE_MASK: Final = L.SEALED | L.CLOSED | L.FLUSHING
 
 
 def _base_address(mm: mmap.mmap) -> int:
@@ -106,6 +111,7 @@ class Ring:
         self.view = memoryview(mm)
         self.words = self.view.cast("Q")
         self.base = base = _base_address(mm)
+        _atomic.check_platform()
         _atomic.check_lock_free(base + L.H_STATUS)
         self.capacity = g.capacity
         self.max_record = g.max_record
@@ -117,6 +123,13 @@ class Ring:
         self.used_w = [(g.descriptor(i) + L.D_USED) // 8 for i in range(n)]
         self.address_w = [(g.descriptor(i) + L.D_ADDRESS) // 8 for i in range(n)]
         self.seq_w = [(g.descriptor(i) + L.D_SEQ) // 8 for i in range(n)]
+        self.base_w = [(g.descriptor(i) + L.D_BASE) // 8 for i in range(n)]
+        # commits[k, i]: lease k's commit counter for buffer i (see _layout).
+        self.commits: np.ndarray[Any, np.dtype[np.uint64]] | None = np.frombuffer(
+            mm, dtype=np.uint64, count=g.max_writers * n, offset=g.commits_offset
+        ).reshape(g.max_writers, n)
+        # The whole mapping as bytes, for vectorised writes (append_array).
+        self.u8: np.ndarray[Any, np.dtype[np.uint8]] | None = np.frombuffer(mm, dtype=np.uint8)
         # Byte offset of the first record of each buffer.
         self.records_at = [g.buffer(i) + _format.SEGMENT_HEADER_SIZE for i in range(n)]
         self.buffer_at = [g.buffer(i) for i in range(n)]
@@ -162,6 +175,7 @@ class Ring:
         self.close_semaphores()
         if self.mm is None:
             return
+        self.commits = self.u8 = None  # drops numpy's exports of the mapping
         self.words.release()
         self.view.release()
         self.mm.close()
@@ -219,11 +233,18 @@ class Ring:
     def state(self, i: int) -> int:
         return int(_load(self.state_addr[i], SEQ_CST))
 
-    def release(self, i: int) -> None:
-        """Drop one writer count; hand the fill over if that was the last one."""
-        prev = _fetch_sub(self.state_addr[i], L.WRITER_ONE, SEQ_CST)
-        if (prev & L.WRITER_MASK) == L.WRITER_ONE and (prev & _TAKE_MASK) == (L.SEALED | L.CLOSED):
-            self.wake_flusher()
+    def bytes_view(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        if self.u8 is None:
+            raise RingClosedError(f"ring {self.name!r} is closed")
+        return self.u8
+
+    def committed(self, i: int) -> int:
+        """Bytes committed into buffer *i*'s current fill (see _layout)."""
+        commits = self.commits
+        assert commits is not None
+        # uint64 sums wrap modulo 2**64, like the counters themselves.
+        total = int(commits[:, i].sum(dtype=np.uint64))
+        return (total - self.words[self.base_w[i]]) & L.WORD_MASK
 
     def _close_fill(self, i: int, used: int) -> None:
         """Fix the fill's extent: used length, file address, seal sequence.
@@ -243,18 +264,15 @@ class Ring:
         words[self.seq_w[i]] = seq
 
     def close_crossing(self, i: int, used: int) -> None:
-        """Close a fill on behalf of the crossing claim, which holds one writer count."""
+        """Close a fill on behalf of the crossing claim (whose bytes are not in it)."""
         _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
         self._close_fill(i, used)
-        # Setting CLOSED and dropping our count in one RMW: the count can only reach
-        # zero with CLOSED already visible, so exactly one party sees the hand-over.
-        prev = _fetch_add(self.state_addr[i], _CLOSE_AND_RELEASE, SEQ_CST)
-        if (prev & L.WRITER_MASK) == L.WRITER_ONE:
-            self.wake_flusher()
+        _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
+        self.wake_flusher()
 
     def reject(self, i: int, old: int) -> None:
-        """Undo a failed claim that was not the crossing one (its previous word *old*
-        was sealed, or already past capacity).
+        """Handle a failed claim that was not the crossing one (its previous word
+        *old* was sealed, or already past capacity).
 
         Past capacity but not yet sealed means the crossing writer is between its
         fetch-and-add and its seal.  We seal on its behalf before we let go: were we
@@ -265,7 +283,6 @@ class Ring:
         """
         if not old & L.SEALED:
             _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
-        self.release(i)
 
     def seal(self, i: int) -> bool:
         """Seal buffer *i*'s open fill (time-based seal, sync, close, large claims).
@@ -280,9 +297,8 @@ class Ring:
         if used > self.capacity:
             return True  # the crossing writer closes it
         self._close_fill(i, used)
-        prev = _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
-        if not prev & L.WRITER_MASK:
-            self.wake_flusher()
+        _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
+        self.wake_flusher()
         return True
 
     def abandon(self, at: int, size: int) -> None:
@@ -349,12 +365,12 @@ class Ring:
                 return
 
     def _open(self, j: int) -> None:
-        """RESERVED|SEALED -> open with offset 0.  Writer counts of stale, rejected
-        claims are kept: those writers will release them."""
+        """RESERVED|SEALED -> open with offset 0.  A compare-and-swap loop, because
+        stale claims may still add to the (irrelevant) offset of the sealed word."""
         addr = self.state_addr[j]
         st = int(_load(addr, SEQ_CST))
         while True:
-            ok, st = _cas(addr, st, st & L.WRITER_MASK)
+            ok, st = _cas(addr, st, 0)
             if ok:
                 return
 
@@ -464,8 +480,12 @@ class Ring:
             for k in range(g.max_writers):
                 at = g.lease(k)
                 holder = self.words[(at + L.L_PID) // 8]
+                # A dead holder's slot is reusable once it has no claim in flight
+                # (its counters stay valid: the next holder keeps adding to them).
                 if holder and (
-                    not reclaim or _proc.is_alive(holder, self.words[(at + L.L_START) // 8])
+                    not reclaim
+                    or self.words[(at + L.L_INTENT) // 8]
+                    or _proc.is_alive(holder, self.words[(at + L.L_START) // 8])
                 ):
                     continue
                 ok, _ = _cas(self.base + at + L.L_PID, holder, pid)

@@ -112,13 +112,17 @@ def test_append_many_appends_in_order_and_returns_the_count(ring_name: str, tmp_
     assert _read_all(path)[0] == [*payloads, b"x", b"y"]
 
 
-def test_append_many_keeps_the_records_before_a_bad_one(ring_name: str, tmp_path: Path) -> None:
+def test_append_many_checks_every_record_before_appending_any(
+    ring_name: str, tmp_path: Path
+) -> None:
     path = tmp_path / "log"
     with _create(ring_name, path) as ring:
         with pytest.raises(TypeError):
             ring.append_many([b"one", b"two", "three", b"four"])
-        ring.append(b"after")
-    assert _read_all(path)[0] == [b"one", b"two", b"after"]
+        with pytest.raises(shmflush.RecordTooLargeError):
+            ring.append_many([b"one", b"x" * (ring.max_record + 1)])
+        assert ring.append_many([b"one", bytearray(b"two"), memoryview(b"three")]) == 3
+    assert _read_all(path)[0] == [b"one", b"two", b"three"]
 
 
 @pytest.mark.parametrize("bad", ["text", 7, None, [1, 2, 3]], ids=["str", "int", "None", "list"])

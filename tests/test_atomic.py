@@ -280,15 +280,17 @@ _WITHOUT_LIBATOMIC = textwrap.dedent(
     import ctypes
     import ctypes.util
 
-    real_cdll = ctypes.CDLL
     real_find_library = ctypes.util.find_library
 
-    def cdll_without_libatomic(name, *args, **kwargs):
-        if name is not None and "atomic" in str(name):
-            raise OSError(f"{name}: cannot open shared object file: No such file or directory")
-        return real_cdll(name, *args, **kwargs)
+    def without_libatomic(real):
+        def load(name, *args, **kwargs):
+            if name is not None and "atomic" in str(name):
+                raise OSError(f"{name}: cannot open shared object file: No such file")
+            return real(name, *args, **kwargs)
+        return load
 
-    ctypes.CDLL = cdll_without_libatomic
+    ctypes.CDLL = without_libatomic(ctypes.CDLL)
+    ctypes.PyDLL = without_libatomic(ctypes.PyDLL)
     ctypes.util.find_library = lambda name: None if name == "atomic" else real_find_library(name)
 
     try:

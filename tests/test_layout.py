@@ -25,9 +25,11 @@ from shmflush._layout import (
     IDLE,
     LANE_FILL_SHIFT,
     LANE_INDEX_MASK,
+    LAYOUT_VERSION,
     LINE,
     MAX_BUFFER_SIZE,
     MAX_BUFFERS,
+    MAX_COMMIT_COUNTERS,
     MAX_WRITERS,
     MIN_BUFFER_SIZE,
     OFFSET_MASK,
@@ -35,8 +37,6 @@ from shmflush._layout import (
     RESERVED,
     SEALED,
     WORD_MASK,
-    WRITER_MASK,
-    WRITER_ONE,
     Geometry,
     check_geometry,
     check_name,
@@ -44,11 +44,9 @@ from shmflush._layout import (
     lane_word,
     offset,
     pack_state,
-    writers,
 )
 
 OFFSETS = st.integers(0, 2**32 - 1)
-WRITER_COUNTS = st.integers(0, 2**24 - 1)
 FLAGS = st.integers(0, 255)
 SIZES = st.integers(0, 2**32 - 1)
 
@@ -69,7 +67,7 @@ def geometries(draw: st.DrawFn) -> Geometry:
         buffer_size=PAGE * draw(st.integers(MIN_BUFFER_SIZE // PAGE, MAX_BUFFER_SIZE // PAGE)),
         buffers=buffers,
         lanes=draw(st.integers(1, buffers - 1)),
-        max_writers=draw(st.integers(1, MAX_WRITERS)),
+        max_writers=draw(st.integers(1, min(MAX_WRITERS, MAX_COMMIT_COUNTERS // buffers))),
     )
 
 
@@ -82,8 +80,8 @@ def faa_limit(g: Geometry) -> int:
 
 
 def test_state_word_fields_partition_the_word() -> None:
-    assert FLAG_MASK | WRITER_MASK | OFFSET_MASK == WORD_MASK
-    assert FLAG_MASK & WRITER_MASK == WRITER_MASK & OFFSET_MASK == FLAG_MASK & OFFSET_MASK == 0
+    assert FLAG_MASK & OFFSET_MASK == 0
+    assert FLAG_MASK | OFFSET_MASK | (((1 << 24) - 1) << 8) == WORD_MASK  # bits 31..8 unused
     flags = [SEALED, FLUSHING, CLOSED, IDLE, RESERVED]
     assert len(set(flags)) == len(flags)
     for flag in flags:
@@ -91,67 +89,40 @@ def test_state_word_fields_partition_the_word() -> None:
         assert flag & (flag - 1) == 0  # one bit each
 
 
-def test_writer_field_cannot_overflow_with_every_lease_taken() -> None:
-    # Each claim in progress holds a lease slot, so the writers field never
-    # carries into the offset.
-    assert MAX_WRITERS < WRITER_MASK >> 8
-
-
-@given(OFFSETS, WRITER_COUNTS, FLAGS)
-def test_pack_state_round_trips_offset_writers_and_flags(off: int, nw: int, flags: int) -> None:
-    state = pack_state(off, nw, flags)
+@given(OFFSETS, FLAGS)
+def test_pack_state_round_trips_offset_and_flags(off: int, flags: int) -> None:
+    state = pack_state(off, flags)
     assert 0 <= state <= WORD_MASK
     assert offset(state) == off
-    assert writers(state) == nw
     assert state & FLAG_MASK == flags
 
 
 @given(SIZES)
 def test_claim_delta_never_touches_the_flags(size: int) -> None:
     delta = claim_delta(size)
-    assert delta & FLAG_MASK == 0
+    assert delta & ~OFFSET_MASK == 0
     assert delta <= WORD_MASK
     assert offset(delta) == size
-    assert writers(delta) == 1
 
 
-@given(OFFSETS, st.integers(0, 2**24 - 2), FLAGS, SIZES)
-@example(0, 0, SEALED, 0)
-@example(2**32 - 1, 5, IDLE | SEALED, 1)  # the offset wraps
-def test_claim_adds_size_to_offset_and_one_writer(off: int, nw: int, flags: int, size: int) -> None:
-    after = fetch_add(pack_state(off, nw, flags), claim_delta(size))
-    assert writers(after) == nw + 1
-    assert after & FLAG_MASK == flags
+@given(OFFSETS, FLAGS, SIZES)
+@example(0, SEALED, 0)
+@example(2**32 - 1, IDLE | SEALED, 1)  # the offset wraps
+def test_claim_adds_size_to_offset_only(off: int, flags: int, size: int) -> None:
+    after = fetch_add(pack_state(off, flags), claim_delta(size))
+    assert after & ~OFFSET_MASK == flags
     assert offset(after) == (off + size) % 2**32
 
 
-@given(st.data(), WRITER_COUNTS.filter(lambda n: n < 2**24 - 1), FLAGS)
+@given(st.data(), FLAGS)
 def test_claim_that_overflows_the_offset_wraps_only_the_offset(
-    data: st.DataObject, nw: int, flags: int
+    data: st.DataObject, flags: int
 ) -> None:
     off = data.draw(st.integers(1, 2**32 - 1), label="offset")
     size = data.draw(st.integers(2**32 - off, 2**32 - 1), label="size")
-    after = fetch_add(pack_state(off, nw, flags), claim_delta(size))
+    after = fetch_add(pack_state(off, flags), claim_delta(size))
     # The carry out of bit 63 is lost; the fields below the offset are untouched.
-    assert after == pack_state(off + size - 2**32, nw + 1, flags)
-
-
-@given(OFFSETS, st.integers(0, 2**24 - 2), FLAGS, SIZES)
-def test_release_restores_the_writer_count_and_keeps_the_claimed_offset(
-    off: int, nw: int, flags: int, size: int
-) -> None:
-    claimed = fetch_add(pack_state(off, nw, flags), claim_delta(size))
-    released = fetch_sub(claimed, WRITER_ONE)
-    assert released == pack_state((off + size) % 2**32, nw, flags)
-
-
-@given(OFFSETS, st.integers(1, 2**24 - 1), FLAGS.map(lambda f: f & ~CLOSED))
-def test_close_and_release_sets_closed_and_drops_one_writer_in_one_add(
-    off: int, nw: int, flags: int
-) -> None:
-    # _ring closes a crossed fill and drops the closer's count with one RMW.
-    after = fetch_add(pack_state(off, nw, flags), _ring._CLOSE_AND_RELEASE)
-    assert after == pack_state(off, nw - 1, flags | CLOSED)
+    assert after == pack_state(off + size - 2**32, flags)
 
 
 @given(geometries())
@@ -237,7 +208,10 @@ def test_descriptor_and_lease_fields_fit_in_one_line(prefix: str) -> None:
 
 @given(geometries(), st.data())
 @example(Geometry(PAGE, 2, 1, 1), None)
-@example(Geometry(MAX_BUFFER_SIZE, MAX_BUFFERS, MAX_BUFFERS - 1, MAX_WRITERS), None)
+@example(
+    Geometry(MAX_BUFFER_SIZE, MAX_BUFFERS, MAX_BUFFERS - 1, MAX_COMMIT_COUNTERS // MAX_BUFFERS),
+    None,
+)
 def test_geometry_regions_are_in_order_and_do_not_overlap(
     g: Geometry, data: st.DataObject | None
 ) -> None:
@@ -246,8 +220,10 @@ def test_geometry_regions_are_in_order_and_do_not_overlap(
     assert g.lanes_offset == HEADER_SIZE
     assert g.lane(g.lanes - 1) + LINE == g.descriptors_offset
     assert g.descriptor(g.buffers - 1) + LINE == g.leases_offset
-    leases_end = g.lease(g.max_writers - 1) + LINE
-    assert leases_end <= g.data_offset < leases_end + PAGE
+    assert g.lease(g.max_writers - 1) + LINE == g.commits_offset
+    commits_end = g.commit(g.max_writers - 1, g.buffers - 1) + 8
+    assert commits_end == g.commits_offset + 8 * g.max_writers * g.buffers
+    assert commits_end <= g.data_offset < commits_end + PAGE
     assert g.buffer(0) == g.data_offset
     assert g.buffer(g.buffers - 1) + g.buffer_size == g.total_size
     assert g.total_size == g.data_offset + g.buffer_size * g.buffers
@@ -315,7 +291,7 @@ def test_check_geometry_rejects_a_bad_parameter_naming_it(
         {"buffer_size": MIN_BUFFER_SIZE},
         {"buffer_size": MAX_BUFFER_SIZE},
         {"buffers": 2},
-        {"buffers": MAX_BUFFERS, "lanes": MAX_BUFFERS - 1},
+        {"buffers": MAX_BUFFERS, "lanes": MAX_BUFFERS - 1, "max_writers": 64},
         {"lanes": 3},
         {"max_writers": 1},
         {"max_writers": MAX_WRITERS},
@@ -405,7 +381,11 @@ CORRUPTIONS = [
     pytest.param(
         lambda m: {_layout.H_MAGIC: int.from_bytes(b"NOTARING", "little")}, "bad magic", id="magic"
     ),
-    pytest.param(lambda m: {_layout.H_VERSION: 2}, "layout version 2", id="version"),
+    pytest.param(
+        lambda m: {_layout.H_VERSION: LAYOUT_VERSION + 1},
+        f"layout version {LAYOUT_VERSION + 1}",
+        id="version",
+    ),
     pytest.param(
         lambda m: {_layout.H_BUFFER_SIZE: 8192 + 8},
         "buffer_size",

@@ -1,0 +1,143 @@
+"""Batch and numpy appends: append_many, append_array, read_array."""
+
+from __future__ import annotations
+
+import multiprocessing
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shmflush
+
+RECORD = np.dtype([("writer", "<u4"), ("seq", "<u8"), ("value", "<f8"), ("tag", "S5")])
+
+
+def test_append_many_round_trips_records_of_every_size(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    rng = np.random.default_rng(7)
+    records = [rng.bytes(int(n)) for n in rng.integers(0, 3000, size=2000)]
+    records += [b"", b"tail"]
+    with shmflush.create(ring_name, path, buffer_size=16384, buffers=4, lanes=1) as ring:
+        big = b"B" * ring.max_record
+        assert ring.append_many([*records[:1000], big, *records[1000:]]) == len(records) + 1
+        assert ring.stats().records == len(records) + 1
+    assert list(shmflush.read(path)) == [*records[:1000], big, *records[1000:]]
+
+
+def test_append_many_uses_one_claim_per_batch(ring_name: str, tmp_path: Path) -> None:
+    # 1000 records of 100 B in a 1 MiB buffer: batches of up to 64 KiB, so far
+    # fewer fetch-and-adds than records.  Counted through the ring's offset.
+    path = tmp_path / "c.log"
+    with shmflush.create(ring_name, path, buffer_size=1 << 20, buffers=4, lanes=1) as ring:
+        calls = 0
+        real = ring._claim
+
+        def counting(*args: object, **kwargs: object) -> tuple[int, int]:
+            nonlocal calls
+            calls += 1
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        ring._claim = counting  # type: ignore[method-assign]
+        ring.append_many([bytes([k % 256]) * 100 for k in range(1000)])
+        assert 1 <= calls <= 3
+    assert list(shmflush.read(path)) == [bytes([k % 256]) * 100 for k in range(1000)]
+
+
+def test_append_array_round_trips_a_structured_array(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    rows = np.zeros(5000, dtype=RECORD)
+    rows["writer"] = 3
+    rows["seq"] = np.arange(5000)
+    rows["value"] = np.linspace(0, 1, 5000)
+    rows["tag"] = b"abcde"
+    with shmflush.create(ring_name, path, buffer_size=16384, buffers=4) as ring:
+        assert ring.append_array(rows[:10]) == 10
+        assert ring.append_array(rows[10:]) == 4990
+        assert ring.append_array(rows[:0]) == 0
+    back = shmflush.read_array(path, RECORD)
+    assert back.dtype == RECORD
+    np.testing.assert_array_equal(back, rows)
+    back["seq"][0] = 99  # writable
+
+
+def test_append_array_round_trips_rows_of_a_2d_uint8_array(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "u.log"
+    data = np.random.default_rng(1).integers(0, 256, size=(3000, 13), dtype=np.uint8)
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=4) as ring:
+        ring.append_array(data)
+    assert list(shmflush.read(path)) == [row.tobytes() for row in data]
+    np.testing.assert_array_equal(shmflush.read_array(path, (np.uint8, (13,))), data)
+
+
+def test_append_array_rejects_bad_arrays(ring_name: str, tmp_path: Path) -> None:
+    with shmflush.create(ring_name, tmp_path / "b.log", buffer_size=8192, buffers=4) as ring:
+        with pytest.raises(TypeError, match="numpy array"):
+            ring.append_array([b"abc"])
+        with pytest.raises(ValueError, match="C-contiguous"):
+            ring.append_array(np.zeros((10, 10), np.uint8)[:, ::2])
+        with pytest.raises(ValueError, match="at least one dimension"):
+            ring.append_array(np.array(3, np.uint8))
+        with pytest.raises(shmflush.RecordTooLargeError):
+            ring.append_array(np.zeros((2, ring.max_record + 1), np.uint8))
+
+
+def test_read_array_names_a_record_of_the_wrong_size(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "w.log"
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=4) as ring:
+        ring.append(b"x" * 8)
+        ring.append(b"y" * 9)
+    with pytest.raises(ValueError, match="record 1 has 9 bytes"):
+        shmflush.read_array(path, np.uint64)
+
+
+def _batch_writer(ring: shmflush.Ring, writer: int, batches: int, per_batch: int) -> None:
+    seq = 0
+    for b in range(batches):
+        if b % 2:
+            rows = np.zeros(per_batch, dtype=RECORD)
+            rows["writer"] = writer
+            rows["seq"] = np.arange(seq, seq + per_batch)
+            ring.append_array(rows, timeout=30)
+        else:
+            ring.append_many(
+                [
+                    np.array([(writer, seq + k, 0.0, b"")], dtype=RECORD).tobytes()
+                    for k in range(per_batch)
+                ],
+                timeout=30,
+            )
+        seq += per_batch
+    ring.close()
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_batches_keep_per_writer_order_across_lanes(
+    ring_name: str, tmp_path: Path, start_method: str
+) -> None:
+    path = tmp_path / "o.log"
+    ctx = multiprocessing.get_context(start_method)
+    writers, batches, per_batch = 4, 40, 50
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=8, lanes=3) as ring:
+        procs = [
+            ctx.Process(target=_batch_writer, args=(ring, w, batches, per_batch))
+            for w in range(writers)
+        ]
+        try:
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(60)
+                assert p.exitcode == 0
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+    rows = shmflush.read_array(path, RECORD)
+    assert len(rows) == writers * batches * per_batch
+    for w in range(writers):
+        seqs = rows["seq"][rows["writer"] == w]
+        np.testing.assert_array_equal(seqs, np.arange(batches * per_batch))
+    assert struct.calcsize("<IQd5s") == RECORD.itemsize
