@@ -27,6 +27,7 @@ PUBLIC = {
     "attach",
     "create",
     "read",
+    "read_array",
 }
 
 ERRORS = {
