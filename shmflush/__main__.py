@@ -8,6 +8,7 @@ USAGE = """usage: python -m shmflush COMMAND [ARGS]
 
 commands:
   demo      spawn writer processes, append, verify the file, print throughput
+  bench     compare shmflush with its peers (python -m shmflush bench --help)
   flusher   (internal) the flusher process that create() starts
 """
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from ._demo import main as demo  # noqa: PLC0415  (each command imports only its own)
 
         return demo(rest)
+    if command == "bench":
+        from ._bench import main as bench  # noqa: PLC0415
+
+        return bench(rest)
     if command == "flusher":
         from ._flusher import main as flusher  # noqa: PLC0415
 

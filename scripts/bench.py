@@ -1,0 +1,8 @@
+"""Benchmark shmflush against its peers; the same as ``python -m shmflush bench``."""
+
+import sys
+
+from shmflush._bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
