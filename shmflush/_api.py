@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import _atomic, _format, _proc
+from . import _atomic, _faults, _format, _proc
 from . import _layout as L
 from ._errors import (
     RecordTooLargeError,
@@ -156,7 +156,9 @@ class Ring:
         self._records_at = core.records_at
         self._capacity = core.capacity
         self._max_record = core.max_record
-        self._faa_limit = core.faa_limit
+        # With fault injection on, every append takes the general path, which has
+        # the crash points; the fast path has none (see _faults).
+        self._faa_limit = -1 if _faults.ENABLED else core.faa_limit
         self._pack = _format.RECORD_HEADER.pack_into
         _live_rings.add(self)
 
@@ -334,8 +336,14 @@ class Ring:
             if n > self._max_record:
                 raise self._too_large(n)
         at, i = self._claim(slot, size, deadline)
+        if _faults.ENABLED:
+            _faults.reached("append.claimed")
         self._view[at + _HDR : at + _HDR + n] = data
+        if _faults.ENABLED:
+            _faults.reached("append.copied")
         self._pack(self._view, at, n, _KIND_DATA, _MARK)
+        if _faults.ENABLED:
+            _faults.reached("append.headed")
         self._commit(slot, i, size)
         self._records += 1
         self._bytes += n
@@ -351,6 +359,8 @@ class Ring:
     def _commit(self, slot: _ThreadSlot, i: int, size: int) -> None:
         words = self._words
         words[slot.commit_w + i] += size
+        if _faults.ENABLED:
+            _faults.reached("append.committed")
         words[slot.intent_w] = 0
 
     def _claim_failed(  # noqa: PLR0917  (the hot path passes what it already has)
@@ -373,14 +383,14 @@ class Ring:
             core.abandon(core.records_at[i] + off, size)
             self._commit(slot, i, size)
             self._abandoned += 1
-            core.rotate(slot.lane, lane_word)
+            core.rotate(slot.lane, lane_word, slot.intent_w)
             return
         self._words[slot.intent_w] = 0
         if not old & _SEALED and off <= core.capacity:
             core.close_crossing(i, off)  # we crossed capacity: we close the fill
         else:
             core.reject(i, old)
-        core.advance(slot.lane, lane_word, deadline)
+        core.advance(slot.lane, lane_word, deadline, slot.intent_w)
 
     def _claim(self, slot: _ThreadSlot, size: int, deadline: float | None) -> tuple[int, int]:
         """Claim *size* bytes (at most a buffer's capacity) in this thread's lane.
@@ -402,7 +412,7 @@ class Ring:
                 off = core.claim_large(i, size)
                 if off < 0:
                     words[slot.intent_w] = 0
-                    core.advance(slot.lane, lane_word, deadline)
+                    core.advance(slot.lane, lane_word, deadline, slot.intent_w)
                     continue
                 old = off << 32
             else:
@@ -533,6 +543,8 @@ class Ring:
         view = self._view[at + _HDR : at + _HDR + n]
         kind = _KIND_ABANDONED
         try:
+            if _faults.ENABLED:
+                _faults.reached("reserve.open")
             yield view
             kind = _KIND_DATA
         finally:
@@ -568,7 +580,12 @@ class Ring:
             if not st & L.SEALED:
                 if not st >> 32:
                     continue  # open and empty: none of our records is in it
+                # Say so in our lease while we seal: if we die half-way, recovery
+                # knows nobody else will finish closing this fill.
+                slot = self._slot()
+                core.words[slot.intent_w] = L.INTENT_SEALING | (i << 32)
                 core.seal(i)
+                core.words[slot.intent_w] = 0
             waiting.append((i, fill))
         core.wake_flusher()
         nap = 50e-6
@@ -652,6 +669,7 @@ def create(
     mode: int = 0o600,
     exist_ok: bool = False,
     max_writers: int = 1024,
+    recovery_timeout: float = 0.5,
 ) -> Ring:
     """Create ring *name* appending to the file at *path*, and start its flusher.
 
@@ -671,6 +689,10 @@ def create(
     * *mode*: permission bits of the shared memory and semaphores.
     * *exist_ok*: replace a ring of that name left behind by a dead owner.
     * *max_writers*: how many threads, across all processes, may append at once.
+    * *recovery_timeout*: seconds a fill may stay stuck on a writer that died
+      between claiming and committing before the flusher turns the dead claim
+      into an abandoned record.  A live writer's claim is never taken, however
+      slow (or stopped) it is.
 
     Raises :class:`RingExistsError`, :class:`ValueError`/:class:`TypeError` for bad
     arguments, :class:`OSError` if the file cannot be opened, and
@@ -688,6 +710,12 @@ def create(
     ):
         raise ValueError(
             f"flush_interval must be between 0.0005 and 3600 s, got {flush_interval!r}"
+        )
+    if not isinstance(recovery_timeout, (int, float)) or not (
+        math.isfinite(recovery_timeout) and 0.01 <= recovery_timeout <= 3600
+    ):
+        raise ValueError(
+            f"recovery_timeout must be between 0.01 and 3600 s, got {recovery_timeout!r}"
         )
     if sync not in L.SYNC_LEVELS:
         raise ValueError(f"sync must be one of {sorted(L.SYNC_LEVELS)}, got {sync!r}")
@@ -722,6 +750,7 @@ def create(
                 owner_start=_proc.start_time(os.getpid()),
                 next_address=address,
                 next_seq=next_seq,
+                recovery_ns=int(recovery_timeout * 1e9),
             )
         finally:
             view.release()

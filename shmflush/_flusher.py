@@ -38,10 +38,11 @@ import time
 
 import posix_ipc
 
-from . import _format, _proc
+from . import _faults, _format, _proc
 from . import _layout as L
 from ._atomic import compare_exchange as _cas
 from ._errors import ShmflushError
+from ._recovery import Recovery
 from ._ring import Ring, attach_ring
 
 _READY = L.SEALED | L.CLOSED
@@ -59,6 +60,8 @@ class Flusher:
         self.retry_pause = 0.05
         # buffer -> (fill number, when first seen open and non-empty)
         self.first_seen: dict[int, tuple[int, float]] = {}
+        self.recovery = Recovery(ring)
+        self.next_recovery = 0.0
 
     # -- file ----------------------------------------------------------------
 
@@ -137,6 +140,8 @@ class Flusher:
         used = ring.words[ring.used_w[i]]
         size = _format.segment_size(min(used, ring.capacity))
         ctypes.memset(ring.base + ring.buffer_at[i], 0, size)
+        if _faults.ENABLED:
+            _faults.reached("flush.zeroed")
         addr = ring.state_addr[i]
         st = ring.state(i)
         while True:
@@ -176,14 +181,18 @@ class Flusher:
             if (st & (_READY | L.FLUSHING)) != _READY:
                 continue
             used = words[ring.used_w[i]]
-            if ring.committed(i) != used:
+            total = ring.commit_total(i)
+            if (total - words[ring.base_w[i]]) & L.WORD_MASK != used:
                 incomplete = True
                 continue
             ok, _ = _cas(ring.state_addr[i], st, st | L.FLUSHING)
             if ok:
-                # The next fill of this buffer starts counting from here.
-                words[ring.base_w[i]] = (words[ring.base_w[i]] + used) & L.WORD_MASK
+                # The next fill of this buffer counts from here.  Stored as the
+                # total (not base + used) so that a restarted flusher can redo it.
+                words[ring.base_w[i]] = total
                 self.pending.append(i)
+                if _faults.ENABLED:
+                    _faults.reached("flush.taken")
         return incomplete
 
     def flush_pending(self, now: float) -> None:
@@ -197,8 +206,12 @@ class Flusher:
             for i in self.pending:
                 written += self.write_fill(i)
                 done.append(i)
+            if _faults.ENABLED and written:
+                _faults.reached("flush.written")
             if written and self.sync_data:
                 os.fdatasync(self.fd)
+                if _faults.ENABLED:
+                    _faults.reached("flush.synced")
                 ring.set_header(L.H_SYNCS, ring.header(L.H_SYNCS) + 1)
         except OSError as exc:
             failed = self.pending[len(done)] if len(done) < len(self.pending) else -1
@@ -251,6 +264,9 @@ class Flusher:
             self.seal_due(now, closing)
             incomplete = self.take_ready()
             self.flush_pending(now)
+            if now >= self.next_recovery:
+                self.next_recovery = now + min(0.05, self.recovery.timeout / 4)
+                self.recovery.run(now)
             # A closed fill waits for writers still copying (microseconds): look
             # again soon rather than after a whole interval.
             wait = 0.0002 if incomplete else idle_wait

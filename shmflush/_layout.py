@@ -14,6 +14,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       56    sync level (0 none, 1 data)         |
       64    flush_interval in ns               -+
       72    owner pid        80  owner start time (clock ticks)   88  ring id (random)
+      96    recovery timeout in ns
       128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
       192   status        200 error errno   208 error buffer   216 waiters
       256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
@@ -37,6 +38,8 @@ Buffer descriptor (64 bytes)::
     +32 fill      fill number, unique per opening (written before opening)
     +40 base      sum of the buffer's commit counters when its current fill
                   opened (advanced by ``used`` when the flusher takes a fill)
+    +48 extent_of fill number whose used/address/seq are stored (written after
+                  them, before CLOSED: lets recovery finish a dead closer's close)
 
 State word (64 bits)::
 
@@ -61,8 +64,11 @@ Lease slot (64 bytes)::
 
     +0  pid (0 = free; taken with a compare-and-swap)   +8  process start time
     +16 thread ident   +24 lane
-    +32 intent: (fill number mod 2**32) << 32 | claim size, stored before a claim's
-        fetch-and-add and zeroed once the claim is committed; 0 = no claim in flight
+    +32 intent: what the holder is in the middle of; 0 = nothing.  Low half bits
+        31..30 say what: 00 a claim, high half = fill number mod 2**32, low bits =
+        claim size (stored before the fetch-and-add, zeroed after the commit);
+        10 sealing, high half = buffer index; 11 rotating a lane.  Dead-writer
+        recovery reads it (see _flusher).
 
 Commit counters (u64, lease-major: counter (k, i) at LEASES_END + 8 * (k * buffers + i))::
 
@@ -109,6 +115,7 @@ H_FLUSH_INTERVAL_NS: Final = 64
 H_OWNER_PID: Final = 72
 H_OWNER_START: Final = 80
 H_RING_ID: Final = 88  # random per creation: tells a ring from a later one of the same name
+H_RECOVERY_NS: Final = 96  # how long a stuck fill waits before dead-writer recovery
 H_NEXT_ADDRESS: Final = 128
 H_NEXT_SEQ: Final = 136
 H_FILL_COUNTER: Final = 144
@@ -144,6 +151,7 @@ D_ADDRESS: Final = 16
 D_SEQ: Final = 24
 D_FILL: Final = 32
 D_BASE: Final = 40
+D_EXTENT_OF: Final = 48
 
 # Lane word.
 LANE_INDEX_MASK: Final = 0xFFFF
@@ -160,6 +168,9 @@ L_START: Final = 8
 L_TID: Final = 16
 L_LANE: Final = 24
 L_INTENT: Final = 32
+INTENT_KIND_MASK: Final = 3 << 30
+INTENT_SEALING: Final = 2 << 30
+INTENT_ROTATING: Final = 3 << 30
 
 # State word.
 SEALED: Final = 1 << 0
@@ -338,6 +349,7 @@ def init_header(
     owner_start: int,
     next_address: int,
     next_seq: int,
+    recovery_ns: int = 500_000_000,
 ) -> None:
     """Fill a fresh, zeroed segment.  Runs before any other process can see it.
 
@@ -347,6 +359,7 @@ def init_header(
     """
     words = view.cast("Q")
     try:
+        words[H_RECOVERY_NS // 8] = recovery_ns
         words[H_VERSION // 8] = LAYOUT_VERSION
         words[H_TOTAL_SIZE // 8] = geometry.total_size
         words[H_BUFFER_SIZE // 8] = geometry.buffer_size

@@ -70,7 +70,7 @@ from typing import Any, Final
 import numpy as np
 import posix_ipc
 
-from . import _atomic, _format, _proc
+from . import _atomic, _faults, _format, _proc
 from . import _layout as L
 from ._errors import RingBrokenError, RingClosedError, RingTimeoutError, ShmflushError
 
@@ -124,6 +124,7 @@ class Ring:
         self.address_w = [(g.descriptor(i) + L.D_ADDRESS) // 8 for i in range(n)]
         self.seq_w = [(g.descriptor(i) + L.D_SEQ) // 8 for i in range(n)]
         self.base_w = [(g.descriptor(i) + L.D_BASE) // 8 for i in range(n)]
+        self.extent_of_w = [(g.descriptor(i) + L.D_EXTENT_OF) // 8 for i in range(n)]
         # commits[k, i]: lease k's commit counter for buffer i (see _layout).
         self.commits: np.ndarray[Any, np.dtype[np.uint64]] | None = np.frombuffer(
             mm, dtype=np.uint64, count=g.max_writers * n, offset=g.commits_offset
@@ -238,13 +239,16 @@ class Ring:
             raise RingClosedError(f"ring {self.name!r} is closed")
         return self.u8
 
-    def committed(self, i: int) -> int:
-        """Bytes committed into buffer *i*'s current fill (see _layout)."""
+    def commit_total(self, i: int) -> int:
+        """Sum of every lease's commit counter for buffer *i*."""
         commits = self.commits
         assert commits is not None
         # uint64 sums wrap modulo 2**64, like the counters themselves.
-        total = int(commits[:, i].sum(dtype=np.uint64))
-        return (total - self.words[self.base_w[i]]) & L.WORD_MASK
+        return int(commits[:, i].sum(dtype=np.uint64))
+
+    def committed(self, i: int) -> int:
+        """Bytes committed into buffer *i*'s current fill (see _layout)."""
+        return (self.commit_total(i) - self.words[self.base_w[i]]) & L.WORD_MASK
 
     def _close_fill(self, i: int, used: int) -> None:
         """Fix the fill's extent: used length, file address, seal sequence.
@@ -262,11 +266,16 @@ class Ring:
         words[self.used_w[i]] = used
         words[self.address_w[i]] = address
         words[self.seq_w[i]] = seq
+        words[self.extent_of_w[i]] = words[self.fill_w[i]]
 
     def close_crossing(self, i: int, used: int) -> None:
         """Close a fill on behalf of the crossing claim (whose bytes are not in it)."""
         _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
+        if _faults.ENABLED:
+            _faults.reached("close.sealed")
         self._close_fill(i, used)
+        if _faults.ENABLED:
+            _faults.reached("close.addressed")
         _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
         self.wake_flusher()
 
@@ -374,15 +383,29 @@ class Ring:
             if ok:
                 return
 
-    def rotate(self, lane: int, lane_word: int) -> int:
-        """Move *lane* from the fill named by *lane_word* to a fresh fill."""
+    def rotate(self, lane: int, lane_word: int, intent_w: int) -> int:
+        """Move *lane* from the fill named by *lane_word* to a fresh fill.
+
+        *intent_w* is the caller's lease intent word: it says "rotating" while a
+        buffer may be RESERVED by us, so that recovery never opens or frees a
+        reservation of a live rotator.
+        """
         if self.words[self.status_w] & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
             return NO_SPACE
         if not self.fill_done(lane_word):
             return NOT_DONE
+        self.words[intent_w] = L.INTENT_ROTATING
+        try:
+            return self._rotate(lane, lane_word)
+        finally:
+            self.words[intent_w] = 0
+
+    def _rotate(self, lane: int, lane_word: int) -> int:
         j = self._reserve(prefer=lane_word & L.LANE_INDEX_MASK)
         if j < 0:
             return NO_SPACE
+        if _faults.ENABLED:
+            _faults.reached("rotate.reserved")
         if self.words[self.status_w] & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
             # Checked again after reserving: the flusher's final drain either sees
             # this buffer RESERVED (and waits) or we see CLOSING here (and back off),
@@ -397,10 +420,12 @@ class Ring:
         if not ok:
             self._unreserve(j)
         else:
+            if _faults.ENABLED:
+                _faults.reached("rotate.installed")
             self._open(j)
         return MOVED
 
-    def advance(self, lane: int, lane_word: int, deadline: float | None) -> None:
+    def advance(self, lane: int, lane_word: int, deadline: float | None, intent_w: int) -> None:
         """After a failed claim: return once *lane* names another fill.
 
         Rotates the lane when possible, otherwise waits, for the closer of the
@@ -415,7 +440,7 @@ class Ring:
             self.check_status()
             if words[lane_w] != lane_word:
                 return
-            result = self.rotate(lane, lane_word)
+            result = self.rotate(lane, lane_word, intent_w)
             if result == MOVED:
                 return
             if deadline is not None and time.monotonic() >= deadline:
@@ -427,9 +452,11 @@ class Ring:
                 nap = min(nap * 2, 2e-3)
                 continue
             self.waits += 1
-            self.wait_for_space(deadline, lane, lane_word)
+            self.wait_for_space(deadline, lane, lane_word, intent_w)
 
-    def wait_for_space(self, deadline: float | None, lane: int, lane_word: int) -> None:
+    def wait_for_space(
+        self, deadline: float | None, lane: int, lane_word: int, intent_w: int
+    ) -> None:
         """Block on the space semaphore until the flusher frees a buffer, the deadline
         passes, or 100 ms go by (then the caller re-checks everything)."""
         sem = self.space_sem
@@ -439,7 +466,7 @@ class Ring:
         try:
             # Re-check after announcing ourselves: the flusher frees buffers before it
             # reads the waiter count, so either it posts for us or we see the space.
-            if self.rotate(lane, lane_word) == MOVED:
+            if self.rotate(lane, lane_word, intent_w) == MOVED:
                 return
             if not self.flusher_alive():
                 self.check_status()

@@ -167,7 +167,7 @@ def test_stale_claim_in_recycled_buffer_is_abandoned_and_buffer_freed(
         # Lane 1's own buffer is among them: renumber it, as a rotator that took
         # it would, so that lane 1's fill counts as done.
         core.words[core.fill_w[lw1 & L.LANE_INDEX_MASK]] = 999
-        assert core.rotate(1, lw1) == MOVED
+        assert core.rotate(1, lw1, core.geometry.lease(15) // 8 + 4) == MOVED
         assert core.words[core.lane_w[1]] & L.LANE_INDEX_MASK == x
         for j in others:
             core._unreserve(j)
