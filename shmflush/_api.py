@@ -77,6 +77,8 @@ class Stats:
     buffers: int
     lanes: int
     broken: bool  #: the flusher hit an error; appends raise RingBrokenError
+    recovered: int  #: stuck fills the flusher recovered from dead writers
+    flusher_restarts: int  #: times a flusher was restarted after dying
 
 
 class _ThreadSlot:
@@ -140,6 +142,9 @@ class Ring:
         self._owner_pid = os.getpid() if owner else 0
         self._pid = os.getpid()
         self._flusher: subprocess.Popen[bytes] | None = None
+        self._watchdog: threading.Thread | None = None
+        self._spawned: list[subprocess.Popen[bytes]] = []
+        self._closing = False
         self._tls = threading.local()
         self._slots: list[_ThreadSlot] = []
         self._slots_lock = threading.Lock()
@@ -160,6 +165,7 @@ class Ring:
         # the crash points; the fast path has none (see _faults).
         self._faa_limit = -1 if _faults.ENABLED else core.faa_limit
         self._pack = _format.RECORD_HEADER.pack_into
+        core.restart_flusher = lambda: self._restart_flusher(core)
         _live_rings.add(self)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -169,6 +175,8 @@ class Ring:
         self._slots = []
         self._slots_lock = threading.Lock()
         self._flusher = None
+        self._watchdog = None
+        self._spawned = []
         self._records = self._bytes = self._abandoned = 0
         if self._core is not None:
             self._core.waits = 0
@@ -235,6 +243,9 @@ class Ring:
                 slots, self._slots = self._slots, []
             for slot in slots:
                 slot.release()
+            # A flusher this process restarted runs on after we close; keep its
+            # Popen where the garbage collector cannot drop it while it runs.
+            _detached.extend(p for p in self._spawned if p.poll() is None)
             self._tls = threading.local()
             # BufferError: a reserve() view is still referenced somewhere; the
             # mapping goes away when that last reference does.
@@ -245,32 +256,81 @@ class Ring:
 
     def _shutdown(self, core: _Core, timeout: float | None) -> ShmflushError | None:
         error: ShmflushError | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            self._closing = True
             core.set_status(L.STATUS_CLOSING)
             core.wake_flusher()
-            flusher = self._flusher
-            if flusher is not None:
-                try:
-                    flusher.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    flusher.kill()
-                    flusher.wait()
+            # Wait for the flusher (whichever process runs it now: it may have been
+            # restarted) to report that it drained everything.
+            while not core.status() & L.STATUS_FLUSHER_DONE:
+                if not core.flusher_alive():
+                    self._restart_flusher(core)
+                if deadline is not None and time.monotonic() > deadline:
                     error = RingTimeoutError(
                         f"ring {self.name!r}: the flusher did not drain within {timeout} s"
                     )
+                    break
+                time.sleep(0.005)
+            if self._watchdog is not None:
+                self._watchdog.join(5.0)
+            for flusher in {id(p): p for p in [self._flusher, *self._spawned] if p}.values():
+                try:
+                    flusher.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    flusher.kill()
+                    flusher.wait()
             status = core.status()
-            if error is None and (status & L.STATUS_BROKEN or not status & L.STATUS_FLUSHER_DONE):
+            if error is None and status & L.STATUS_BROKEN:
                 error = core.broken_error()
             elif error is None and not all(
                 core.state(i) & L.IDLE for i in range(core.geometry.buffers)
             ):
                 error = RingBrokenError(
-                    f"ring {self.name!r}: a writer never released its claim; the flusher "
+                    f"ring {self.name!r}: a writer never finished its claim; the flusher "
                     "gave up draining and its buffer was not written"
                 )
         finally:
             L.unlink_segment(self.name)
         return error
+
+    def _restart_flusher(self, core: _Core) -> None:
+        """Start a new flusher on the ring's file (see _flusher's --restart).
+
+        Several processes may do this at once; the file lock lets one flusher run
+        and the others exit at once.
+        """
+        if core.status() & L.STATUS_FLUSHER_DONE:
+            return
+        # Keep every flusher we started, so each is reaped (no zombie, and no
+        # Popen dropped while it runs); the file lock leaves only one of them
+        # running.
+        self._spawned = [p for p in self._spawned if p.poll() is None]
+        proc = _start_flusher(self.name, None)
+        self._spawned.append(proc)
+        if self._is_owner():
+            self._flusher = proc
+        deadline = time.monotonic() + _FLUSHER_START_TIMEOUT
+        while not core.flusher_alive() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+
+    def _watch_flusher(self) -> None:
+        """Owner thread: restart the flusher whenever it dies before close()."""
+        while not self._closing:
+            flusher = self._flusher
+            core = self._core
+            if flusher is None or core is None:
+                return
+            try:
+                flusher.wait(0.25)
+            except subprocess.TimeoutExpired:
+                continue
+            if self._closing or core.status() & L.STATUS_FLUSHER_DONE:
+                return
+            with contextlib.suppress(Exception):
+                self._restart_flusher(core)
 
     def __del__(self) -> None:
         # Safety net only: never raises, never blocks, does nothing in a forked
@@ -600,8 +660,10 @@ class Ring:
             ]
             if not waiting:
                 return
-            if status & L.STATUS_FLUSHER_DONE or not core.flusher_alive():
+            if status & L.STATUS_FLUSHER_DONE:
                 raise RingBrokenError(f"ring {self.name!r}: the flusher stopped before sync")
+            if not core.flusher_alive():
+                self._restart_flusher(core)
             if deadline is not None and time.monotonic() >= deadline:
                 raise RingTimeoutError(
                     f"ring {self.name!r}: {len(waiting)} buffers not durable within {timeout} s"
@@ -628,6 +690,8 @@ class Ring:
             buffers=g.buffers,
             lanes=g.lanes,
             broken=bool(core.status() & L.STATUS_BROKEN),
+            recovered=core.header(L.H_RECOVERED),
+            flusher_restarts=core.header(L.H_RESTARTS),
         )
 
     @property
@@ -721,6 +785,9 @@ def create(
         raise ValueError(f"sync must be one of {sorted(L.SYNC_LEVELS)}, got {sync!r}")
     if not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
+    encoded = os.fsencode(os.path.abspath(path))
+    if len(encoded) > L.MAX_PATH_BYTES:
+        raise ValueError(f"path must be at most {L.MAX_PATH_BYTES} bytes, got {len(encoded)}")
     if exist_ok:
         _remove_dead_ring(name)
 
@@ -751,6 +818,7 @@ def create(
                 next_address=address,
                 next_seq=next_seq,
                 recovery_ns=int(recovery_timeout * 1e9),
+                path=encoded,
             )
         finally:
             view.release()
@@ -760,6 +828,10 @@ def create(
         ring._flusher = _start_flusher(name, fd)
         core.set_header(L.H_FLUSHER_PID, ring._flusher.pid)
         _wait_for_flusher(ring, core, path)
+        ring._watchdog = threading.Thread(
+            target=ring._watch_flusher, name=f"shmflush-watch-{name}", daemon=True
+        )
+        ring._watchdog.start()
     except BaseException:
         if ring is not None and ring._flusher is not None:
             ring._flusher.kill()
@@ -799,14 +871,17 @@ def _remove_dead_ring(name: str, wait: float = 10.0) -> None:
     L.unlink_segment(name)
 
 
-def _start_flusher(name: str, fd: int) -> subprocess.Popen[bytes]:
+def _start_flusher(name: str, fd: int | None) -> subprocess.Popen[bytes]:
+    """Start ``python -m shmflush flusher``: on the inherited, locked *fd*, or
+    (``None``) as a restart that opens the file named in the ring's header."""
     env = dict(os.environ)
     # The flusher imports this very package, even when it is not installed.
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(
-        [sys.executable, "-m", "shmflush", "flusher", name, "--fd", str(fd)],
-        pass_fds=(fd,),
+        [sys.executable, "-m", "shmflush", "flusher", name]
+        + (["--restart"] if fd is None else ["--fd", str(fd)]),
+        pass_fds=() if fd is None else (fd,),
         stdin=subprocess.DEVNULL,
         env=env,
         # Its own session: a terminal's Ctrl-C or hang-up must not kill the flusher
@@ -849,6 +924,8 @@ def attach(name: str) -> Ring:
 
 
 _owned: weakref.WeakSet[Ring] = weakref.WeakSet()
+# Flusher processes this process started for rings it does not own.
+_detached: list[subprocess.Popen[bytes]] = []
 
 
 @atexit.register

@@ -223,6 +223,10 @@ class Flusher:
             self.retry_at = now + self.retry_pause
             self.retry_pause = min(self.retry_pause * 2, 1.0)
             return
+        # Mark the batch durable before zeroing anything: a flusher restarted after
+        # a crash in the middle of the resets must reset these, not rewrite them.
+        for i in self.pending:
+            ring.words[ring.durable_w[i]] = ring.words[ring.fill_w[i]]
         # Counters first: a sync() that returns once its buffers are IDLE must see them.
         ring.set_header(L.H_BUFFERS_FLUSHED, ring.header(L.H_BUFFERS_FLUSHED) + len(done))
         ring.set_header(L.H_BYTES_WRITTEN, ring.header(L.H_BYTES_WRITTEN) + written)
@@ -239,6 +243,23 @@ class Flusher:
         )
 
     # -- main loop -----------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Pick up what a dead predecessor left: fills it had taken (FLUSHING) are
+        written again.  Rewriting the same bytes at the same address is harmless,
+        and each such fill's commit base is recomputed the way take_ready sets it,
+        so doing this twice changes nothing."""
+        ring = self.ring
+        words = ring.words
+        for i in range(ring.geometry.buffers):
+            if not ring.state(i) & L.FLUSHING or i in self.pending:
+                continue
+            words[ring.base_w[i]] = ring.commit_total(i)
+            if words[ring.durable_w[i]] == words[ring.fill_w[i]]:
+                self.reset(i)  # written and synced; maybe half zeroed: just finish
+            else:
+                self.pending.append(i)
+        ring.post_space()
 
     def run(self, give_up_after: float = 30.0) -> int:
         """Flush until the owner closes the ring (or dies); returns an exit status."""
@@ -297,25 +318,57 @@ def _unlink_if_same(name: str, ring_id: int) -> None:
         L.unlink_segment(name)
 
 
+def _open_for_restart(ring: Ring) -> int | None:
+    """Open and lock the ring's file by the path in its header; None if another
+    flusher holds the lock (it is alive: nothing to do)."""
+    path = L.read_path(ring.view)
+    if not path:
+        raise ShmflushError(f"ring {ring.name!r} has no file path to restart a flusher on")
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shmflush flusher")
     parser.add_argument("name")
-    parser.add_argument("--fd", type=int, required=True, help="inherited, locked file")
+    parser.add_argument("--fd", type=int, help="inherited, locked file (first start)")
+    parser.add_argument(
+        "--restart", action="store_true", help="open the file named in the ring's header"
+    )
     args = parser.parse_args(argv)
+    if (args.fd is None) == (not args.restart):
+        parser.error("give exactly one of --fd and --restart")
     # Ctrl-C in a terminal goes to the whole foreground process group; the owner
     # handles it by closing the ring, which needs the flusher alive to drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ring = attach_ring(args.name)
+    fd = args.fd
     try:
+        if fd is None:
+            # The file lock makes restarts exclusive: of several processes that
+            # saw the flusher dead at once, one wins and the others' flushers exit.
+            fd = _open_for_restart(ring)
+            if fd is None:
+                return 0
+            ring.header_add(L.H_RESTARTS, 1)
         ring.set_header(L.H_FLUSHER_START, _proc.start_time(os.getpid()))
         ring.set_header(L.H_FLUSHER_PID, os.getpid())
-        flusher = Flusher(ring, args.fd)
+        flusher = Flusher(ring, fd)
         try:
             flusher.enable_direct_io()
         except OSError as exc:
             ring.set_header(L.H_ERROR_ERRNO, exc.errno or E.EIO)
             ring.set_status(L.STATUS_BROKEN | L.STATUS_FLUSHER_DONE)
             return 1
+        flusher.resume()
         status = flusher.run()
         if ring.status() & L.STATUS_BROKEN and not _proc.is_alive(
             ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)
@@ -325,5 +378,6 @@ def main(argv: list[str] | None = None) -> int:
             _unlink_if_same(args.name, ring.header(L.H_RING_ID))
         return status
     finally:
-        os.close(args.fd)
+        if fd is not None:
+            os.close(fd)
         ring.unmap()

@@ -3,7 +3,7 @@
 One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
 
     offset                       size            contents
-    0                            512             header (fields below, u64 each)
+    0                            4096            header (fields below, u64 each)
       0     magic  b"SHMFLRNG"
       8     layout version
       16    total size of the object          -+
@@ -19,7 +19,10 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       192   status        200 error errno   208 error buffer   216 waiters
       256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
       280   direct_io     288 buffers flushed 296 bytes written 304 syncs
-    512                          64 * lanes      lane table: +0 lane word (below)
+      312   recovered (stuck fills recovered)   320 flusher restarts
+      512   file path, UTF-8, NUL-padded (up to 3584 bytes): lets any process
+            restart the flusher on the same file
+    4096                         64 * lanes      lane table: +0 lane word (below)
     LANES_END                    64 * buffers    buffer descriptors (below)
     DESC_END                     64 * max_writers lease slots (below)
     LEASES_END                   8 * max_writers * buffers   commit counters (below)
@@ -40,6 +43,8 @@ Buffer descriptor (64 bytes)::
                   opened (advanced by ``used`` when the flusher takes a fill)
     +48 extent_of fill number whose used/address/seq are stored (written after
                   them, before CLOSED: lets recovery finish a dead closer's close)
+    +56 durable   fill number whose write is durable (set before the buffer is
+                  zeroed: a restarted flusher must not rewrite a zeroed buffer)
 
 State word (64 bits)::
 
@@ -130,7 +135,11 @@ H_DIRECT_IO: Final = 280
 H_BUFFERS_FLUSHED: Final = 288
 H_BYTES_WRITTEN: Final = 296
 H_SYNCS: Final = 304
-HEADER_SIZE: Final = 512
+H_RECOVERED: Final = 312
+H_RESTARTS: Final = 320
+H_PATH: Final = 512
+HEADER_SIZE: Final = 4096
+MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
 
 # Status bits (H_STATUS).
 STATUS_CLOSING: Final = 1 << 0  # the owner is closing: no new fills, drain and stop
@@ -152,6 +161,7 @@ D_SEQ: Final = 24
 D_FILL: Final = 32
 D_BASE: Final = 40
 D_EXTENT_OF: Final = 48
+D_DURABLE: Final = 56
 
 # Lane word.
 LANE_INDEX_MASK: Final = 0xFFFF
@@ -350,6 +360,7 @@ def init_header(
     next_address: int,
     next_seq: int,
     recovery_ns: int = 500_000_000,
+    path: bytes = b"",
 ) -> None:
     """Fill a fresh, zeroed segment.  Runs before any other process can see it.
 
@@ -381,9 +392,18 @@ def init_header(
             words[geometry.lane(i) // 8] = lane_word(0, i)
     finally:
         words.release()
+    if len(path) > MAX_PATH_BYTES or b"\0" in path:
+        raise ValueError(f"path must be at most {MAX_PATH_BYTES} bytes without NUL")
+    view[H_PATH : H_PATH + len(path)] = path
     # The magic goes last: a process that attaches early sees no magic and fails
     # cleanly instead of reading half-written parameters.
     view[H_MAGIC : H_MAGIC + 8] = MAGIC
+
+
+def read_path(view: memoryview) -> bytes:
+    """The ring's file path as stored in the header (empty if none)."""
+    raw = bytes(view[H_PATH:HEADER_SIZE])
+    return raw.split(b"\0", 1)[0]
 
 
 def shm_name(name: str) -> str:

@@ -63,7 +63,6 @@ class Recovery:
         self.timeout = max(ring.header(L.H_RECOVERY_NS) / 1e9, 0.01)
         # buffer -> (signature, first time seen with it)
         self.seen: dict[int, tuple[tuple[int, int, int], float]] = {}
-        self.recovered = 0
 
     def _signature(self, i: int) -> tuple[int, int, int] | None:
         ring = self.ring
@@ -149,7 +148,7 @@ class Recovery:
                     ring.seal(i)  # closes it unless a dead writer had crossed capacity
                 continue  # next pass sees it sealed (or closed)
             if self._resolve(i, fill, dead):
-                self.recovered += 1
+                self.ring.header_add(L.H_RECOVERED, 1)
                 self.seen.pop(i, None)
                 for k, _ in dead:
                     self._free(k, ring.words[(ring.geometry.lease(k) + L.L_PID) // 8])
@@ -170,7 +169,7 @@ class Recovery:
             ring._unreserve(j)
         for k in leases.dead_rotating:
             self._free(k, ring.words[(ring.geometry.lease(k) + L.L_PID) // 8])
-        self.recovered += 1
+        self.ring.header_add(L.H_RECOVERED, 1)
 
     # -- resolving one fill --------------------------------------------------------
 

@@ -65,6 +65,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -125,6 +126,7 @@ class Ring:
         self.seq_w = [(g.descriptor(i) + L.D_SEQ) // 8 for i in range(n)]
         self.base_w = [(g.descriptor(i) + L.D_BASE) // 8 for i in range(n)]
         self.extent_of_w = [(g.descriptor(i) + L.D_EXTENT_OF) // 8 for i in range(n)]
+        self.durable_w = [(g.descriptor(i) + L.D_DURABLE) // 8 for i in range(n)]
         # commits[k, i]: lease k's commit counter for buffer i (see _layout).
         self.commits: np.ndarray[Any, np.dtype[np.uint64]] | None = np.frombuffer(
             mm, dtype=np.uint64, count=g.max_writers * n, offset=g.commits_offset
@@ -138,6 +140,9 @@ class Ring:
         self.lane_addr = [base + g.lane(k) for k in range(g.lanes)]
         self.status_w = L.H_STATUS // 8
         self.waits = 0  # times this handle blocked for space (Stats.waits)
+        # Set by the API layer: starts a new flusher process (layers above us
+        # know how to spawn one; we only know when one is needed).
+        self.restart_flusher: Callable[[], None] | None = None
         flush_name, space_name = L.semaphore_names(name)
         self.flush_sem: posix_ipc.Semaphore | None = None
         self.space_sem: posix_ipc.Semaphore | None = None
@@ -470,10 +475,14 @@ class Ring:
                 return
             if not self.flusher_alive():
                 self.check_status()
-                raise RingBrokenError(
-                    f"ring {self.name!r}: the flusher process "
-                    f"{self.header(L.H_FLUSHER_PID)} is not running"
-                )
+                if self.restart_flusher is None:
+                    raise RingBrokenError(
+                        f"ring {self.name!r}: the flusher process "
+                        f"{self.header(L.H_FLUSHER_PID)} is not running"
+                    )
+                # A dead flusher loses nothing: its buffers wait in shared memory.
+                # Start another one and keep waiting.
+                self.restart_flusher()
             timeout = 0.1
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))

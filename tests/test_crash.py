@@ -132,3 +132,44 @@ def test_writer_killed_at_crash_point_loses_nothing_that_returned(
     _check(path, returned, done[0])
     # Nobody stalled much longer than the recovery timeout (generous for slow CI).
     assert max(gaps) < 5.0
+
+
+FLUSHER_POINTS = sorted(p for p in _faults.POINTS if p.startswith("flush."))
+
+
+@pytest.mark.parametrize("point", FLUSHER_POINTS)
+def test_flusher_killed_at_crash_point_is_restarted_and_loses_nothing(
+    ring_name: str, tmp_path: Path, point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "flusher.log"
+    # Only the first flusher inherits the crash point: restarts run clean.
+    monkeypatch.setenv("SHMFLUSH_CRASH_AT", f"{point}@2")
+    ring = shmflush.create(ring_name, path, buffer_size=8192, buffers=4, flush_interval=0.01)
+    monkeypatch.delenv("SHMFLUSH_CRASH_AT")
+    with ring:
+        first = ring.stats().flusher_pid
+        records = [struct.pack("<II", 1, seq) + b"f" * (seq % 500) for seq in range(3000)]
+        for k, record in enumerate(records):
+            ring.append(record, timeout=30)
+            if k % 500 == 0:
+                ring.sync(timeout=30)
+        ring.sync(timeout=30)
+        stats = ring.stats()
+        assert stats.flusher_restarts >= 1
+        assert stats.flusher_pid != first
+    assert list(shmflush.read(path)) == records
+
+
+def test_flusher_killed_by_sigkill_is_restarted(ring_name: str, tmp_path: Path) -> None:
+    import signal
+
+    path = tmp_path / "kill.log"
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=4) as ring:
+        records = [struct.pack("<I", seq) * 10 for seq in range(2000)]
+        for k, record in enumerate(records):
+            if k % 400 == 200:
+                os.kill(ring.stats().flusher_pid, signal.SIGKILL)
+            ring.append(record, timeout=30)
+        ring.sync(timeout=30)
+        assert ring.stats().flusher_restarts >= 1
+    assert list(shmflush.read(path)) == records
