@@ -1,16 +1,29 @@
-"""Command line: ``python -m shmflush {demo,flusher}``."""
+"""Command line: ``python -m shmflush {demo,bench,verify,cleanup,flusher}``."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
 
 USAGE = """usage: python -m shmflush COMMAND [ARGS]
 
 commands:
   demo      spawn writer processes, append, verify the file, print throughput
   bench     compare shmflush with its peers (python -m shmflush bench --help)
+  verify    check a file written by shmflush and report damaged stretches
+  cleanup   drain and remove rings whose owner and flusher are both dead
   flusher   (internal) the flusher process that create() starts
 """
+
+
+COMMANDS = {
+    "demo": "._demo",
+    "bench": "._bench",
+    "verify": "._verify",
+    "cleanup": "._cleanup",
+    "flusher": "._flusher",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,20 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "demo":
-        from ._demo import main as demo  # noqa: PLC0415  (each command imports only its own)
-
-        return demo(rest)
-    if command == "bench":
-        from ._bench import main as bench  # noqa: PLC0415
-
-        return bench(rest)
-    if command == "flusher":
-        from ._flusher import main as flusher  # noqa: PLC0415
-
-        return flusher(rest)
-    print(f"python -m shmflush: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
-    return 2
+    module = COMMANDS.get(command)
+    if module is None:
+        print(
+            f"python -m shmflush: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr
+        )
+        return 2
+    # Each command imports only its own module: the flusher starts fast, and the
+    # demo or bench pull in what they need.
+    run: Callable[[list[str]], int] = importlib.import_module(module, __package__).main
+    return run(rest)
 
 
 if __name__ == "__main__":

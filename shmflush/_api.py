@@ -21,6 +21,7 @@ from typing import Any, Final
 from . import _atomic, _faults, _format, _proc
 from . import _layout as L
 from ._errors import (
+    CorruptRingError,
     RecordTooLargeError,
     RingBrokenError,
     RingClosedError,
@@ -230,6 +231,7 @@ class Ring:
 
         In any other process, this releases the process's writer slots and unmaps.
         """
+        _deadline(timeout)  # check the argument before touching anything
         core = self._core
         if core is None:
             return
@@ -256,7 +258,7 @@ class Ring:
 
     def _shutdown(self, core: _Core, timeout: float | None) -> ShmflushError | None:
         error: ShmflushError | None = None
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         try:
             self._closing = True
             core.set_status(L.STATUS_CLOSING)
@@ -364,6 +366,8 @@ class Ring:
         else:
             data = _as_bytes(data)
             n = data.nbytes
+        if timeout is not None:
+            _deadline(timeout)  # check it even where this call will not block
         size = _HDR + ((n + 7) & -8)
         try:
             slot: _ThreadSlot = self._tls.slot
@@ -375,8 +379,12 @@ class Ring:
             lane_word = words[slot.lane_w]
             i = lane_word & _INDEX_MASK
             fill = lane_word >> _FILL_SHIFT
+            try:
+                addr = self._state_addr[i]
+            except IndexError:
+                raise self._corrupt_lane(lane_word) from None
             words[slot.intent_w] = ((fill & _FILL_TAG) << 32) | size
-            old = _fetch_add(self._state_addr[i], size << 32, 5)
+            old = _fetch_add(addr, size << 32, 5)
             off = old >> 32
             if not old & _SEALED and off + size <= self._capacity:
                 at = self._records_at[i] + off
@@ -389,10 +397,10 @@ class Ring:
                     self._records += 1
                     self._bytes += n
                     return
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = _deadline(timeout)
             self._claim_failed(slot, i, old, size, lane_word, deadline)
         else:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = _deadline(timeout)
             if n > self._max_record:
                 raise self._too_large(n)
         at, i = self._claim(slot, size, deadline)
@@ -407,6 +415,11 @@ class Ring:
         self._commit(slot, i, size)
         self._records += 1
         self._bytes += n
+
+    def _corrupt_lane(self, lane_word: int) -> ShmflushError:
+        return CorruptRingError(
+            f"ring {self.name!r}: corrupt lane word {lane_word:#x} (buffer index out of range)"
+        )
 
     def _too_large(self, n: int) -> RecordTooLargeError:
         core = self._live_core()
@@ -465,7 +478,7 @@ class Ring:
             lane_word = words[slot.lane_w]
             i = lane_word & _INDEX_MASK
             if i >= core.geometry.buffers:
-                raise ShmflushError(f"ring {self.name!r}: corrupt lane word {lane_word:#x}")
+                raise self._corrupt_lane(lane_word)
             fill = lane_word >> _FILL_SHIFT
             words[slot.intent_w] = ((fill & _FILL_TAG) << 32) | size
             if size > core.faa_limit:
@@ -495,6 +508,12 @@ class Ring:
         items: list[Any] = []
         sizes: list[int] = []
         max_record = self._max_record
+        if isinstance(records, (bytes, bytearray, memoryview, str)) or not isinstance(
+            records, Iterable
+        ):
+            raise TypeError(
+                f"records must be an iterable of bytes-like records, not {type(records).__name__}"
+            )
         for record in records:
             item: bytes | memoryview = record if type(record) is bytes else _as_bytes(record)
             n = item.nbytes if isinstance(item, memoryview) else len(item)
@@ -503,7 +522,7 @@ class Ring:
             items.append(item)
             sizes.append(n)
         slot = self._slot()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         limit = max(_HDR, min(_BATCH_BYTES, self._capacity // 8))
         view = self._view
         pack = self._pack
@@ -558,7 +577,7 @@ class Ring:
             return 0
         slot = self._slot()
         core = self._live_core()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         size = _HDR + ((n + 7) & -8)
         per_batch = max(1, min(_BATCH_BYTES, self._capacity // 8) // size)
         source = array.reshape(rows, -1).view(np.uint8)
@@ -598,7 +617,7 @@ class Ring:
             raise self._too_large(n)
         slot = self._slot()
         size = _HDR + ((n + 7) & -8)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         at, i = self._claim(slot, size, deadline)
         view = self._view[at + _HDR : at + _HDR + n]
         kind = _KIND_ABANDONED
@@ -630,7 +649,7 @@ class Ring:
         seconds and :class:`RingBrokenError` if the flusher cannot write.
         """
         core = self._live_core()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         waiting: list[tuple[int, int]] = []
         for i in range(core.geometry.buffers):
             st = core.state(i)
@@ -698,6 +717,19 @@ class Ring:
     def max_record(self) -> int:
         """The largest payload, in bytes, that one record may carry."""
         return self._max_record
+
+
+def _deadline(timeout: Any) -> float | None:
+    """Check a ``timeout`` argument and turn it into a monotonic deadline."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+        )
+    if not timeout >= 0:  # also catches NaN
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return time.monotonic() + timeout
 
 
 def _as_bytes(data: Any) -> memoryview:
@@ -781,7 +813,7 @@ def create(
         raise ValueError(
             f"recovery_timeout must be between 0.01 and 3600 s, got {recovery_timeout!r}"
         )
-    if sync not in L.SYNC_LEVELS:
+    if not isinstance(sync, str) or sync not in L.SYNC_LEVELS:
         raise ValueError(f"sync must be one of {sorted(L.SYNC_LEVELS)}, got {sync!r}")
     if not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")

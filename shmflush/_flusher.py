@@ -96,6 +96,10 @@ class Flusher:
         if used > ring.capacity:
             raise ValueError(f"buffer {i}: used length {used} exceeds capacity")
         address = words[ring.address_w[i]]
+        if address % _format.BLOCK or address + _format.segment_size(used) > ring.header(
+            L.H_NEXT_ADDRESS
+        ):
+            raise ValueError(f"buffer {i}: address {address} was never handed out")
         start = ring.buffer_at[i]
         _format.write_segment_header(
             ring.view, start, used=used, seq=words[ring.seq_w[i]], address=address
@@ -213,9 +217,13 @@ class Flusher:
                 if _faults.ENABLED:
                     _faults.reached("flush.synced")
                 ring.set_header(L.H_SYNCS, ring.header(L.H_SYNCS) + 1)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: a descriptor whose extent is out of range (corrupted shared
+            # memory).  Refuse it like an I/O error rather than die: a restarted
+            # flusher would only find it again.
+            errno = (exc.errno or E.EIO) if isinstance(exc, OSError) else E.EUCLEAN
             failed = self.pending[len(done)] if len(done) < len(self.pending) else -1
-            ring.set_header(L.H_ERROR_ERRNO, exc.errno or E.EIO)
+            ring.set_header(L.H_ERROR_ERRNO, errno)
             ring.set_header(L.H_ERROR_BUFFER, failed)
             ring.set_status(L.STATUS_BROKEN)
             # Nothing of this batch is known durable (fsync after a failed write is
@@ -305,6 +313,22 @@ class Flusher:
                 wait = 0.001
 
 
+def _wait_for_leases(ring: Ring, timeout: float) -> None:
+    g = ring.geometry
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = False
+        for k in range(g.max_writers):
+            at = g.lease(k)
+            pid = ring.words[(at + L.L_PID) // 8]
+            if pid and _proc.is_alive(pid, ring.words[(at + L.L_START) // 8]):
+                live = True
+                break
+        if not live:
+            return
+        time.sleep(0.05)
+
+
 def _unlink_if_same(name: str, ring_id: int) -> None:
     try:
         current = attach_ring(name)
@@ -373,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         if ring.status() & L.STATUS_BROKEN and not _proc.is_alive(
             ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)
         ):
-            # Nobody else will unlink it: the owner is gone.  But only if the name
-            # still means *this* ring: create(exist_ok=True) may have replaced it.
+            # Nobody else will unlink it: the owner is gone.  Writers still attached
+            # get RingBrokenError; give them a moment to let go of their leases,
+            # then unlink, but only if the name still means *this* ring:
+            # create(exist_ok=True) may have replaced it.
+            _wait_for_leases(ring, 10.0)
             _unlink_if_same(args.name, ring.header(L.H_RING_ID))
         return status
     finally:

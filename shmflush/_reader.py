@@ -358,6 +358,8 @@ def read(path: str | os.PathLike[str], *, strict: bool = True) -> Reader:
 
     Raises :class:`OSError` if the file cannot be opened.
     """
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
     return Reader(path, strict=strict)
 
 

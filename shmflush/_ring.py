@@ -158,11 +158,20 @@ class Ring:
         self.space_sem = posix_ipc.Semaphore(
             self._space_sem_name, posix_ipc.O_CREAT, mode=mode, initial_value=0
         )
+        # posix_ipc applies the umask to mode; set the bits exactly, as for the
+        # segment.  glibc keeps named semaphores at /dev/shm/sem.<name>.
+        for sem_name in (self._flush_sem_name, self._space_sem_name):
+            os.chmod(f"/dev/shm/sem.{sem_name.lstrip('/')}", mode)
 
     def open_semaphores(self) -> None:
         try:
             self.flush_sem = posix_ipc.Semaphore(self._flush_sem_name)
             self.space_sem = posix_ipc.Semaphore(self._space_sem_name)
+        except posix_ipc.PermissionsError as exc:
+            self.close_semaphores()
+            raise PermissionError(
+                f"no permission to open the semaphores of ring {self.name!r}: {exc}"
+            ) from None
         except posix_ipc.ExistentialError:
             self.close_semaphores()
             raise RingBrokenError(
