@@ -50,6 +50,7 @@ _KIND_ABANDONED: Final = _format.KIND_ABANDONED
 _BATCH_BYTES: Final = 64 << 10
 
 _FLUSHER_START_TIMEOUT: Final = 30.0
+_RESTART_GRACE_NS: Final = 5_000_000_000
 
 
 class DirectIOWarning(RuntimeWarning):
@@ -304,6 +305,17 @@ class Ring:
         """
         if core.status() & L.STATUS_FLUSHER_DONE:
             return
+        # One restart at a time across all processes: whoever moves the restart
+        # stamp spawns; the others give it a few seconds to come up.  (The file
+        # lock would stop a second flusher anyway, but not the cost of starting
+        # one Python process per waiting writer.)
+        now = time.monotonic_ns()
+        stamp = core.header(L.H_RESTART_AT)
+        if stamp and now - stamp < _RESTART_GRACE_NS:
+            return
+        swapped, _ = _atomic.compare_exchange(core.base + L.H_RESTART_AT, stamp, now)
+        if not swapped:
+            return
         # Keep every flusher we started, so each is reaped (no zombie, and no
         # Popen dropped while it runs); the file lock leaves only one of them
         # running.
@@ -326,13 +338,19 @@ class Ring:
             if flusher is None or core is None:
                 return
             try:
-                flusher.wait(0.25)
+                flusher.wait(0.25)  # our own child: reaped as soon as it exits
+                continue_waiting = False
             except subprocess.TimeoutExpired:
-                continue
-            if self._closing or core.status() & L.STATUS_FLUSHER_DONE:
+                continue_waiting = True
+            if self._closing or core.mm is None or core.status() & L.STATUS_FLUSHER_DONE:
                 return
+            if continue_waiting or core.flusher_alive():
+                if not continue_waiting:
+                    time.sleep(0.25)  # another process's flusher runs the ring
+                continue
             with contextlib.suppress(Exception):
                 self._restart_flusher(core)
+            time.sleep(0.05)
 
     def __del__(self) -> None:
         # Safety net only: never raises, never blocks, does nothing in a forked

@@ -20,6 +20,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
       280   direct_io     288 buffers flushed 296 bytes written 304 syncs
       312   recovered (stuck fills recovered)   320 flusher restarts
+      328   last flusher restart attempt (CLOCK_MONOTONIC ns)
       512   file path, UTF-8, NUL-padded (up to 3584 bytes): lets any process
             restart the flusher on the same file
     4096                         64 * lanes      lane table: +0 lane word (below)
@@ -137,6 +138,7 @@ H_BYTES_WRITTEN: Final = 296
 H_SYNCS: Final = 304
 H_RECOVERED: Final = 312
 H_RESTARTS: Final = 320
+H_RESTART_AT: Final = 328  # CLOCK_MONOTONIC ns of the last restart attempt
 H_PATH: Final = 512
 HEADER_SIZE: Final = 4096
 MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
