@@ -50,7 +50,7 @@ _KIND_ABANDONED: Final = _format.KIND_ABANDONED
 _BATCH_BYTES: Final = 64 << 10
 
 _FLUSHER_START_TIMEOUT: Final = 30.0
-_RESTART_GRACE_NS: Final = 5_000_000_000
+_RESTART_GRACE_NS: Final = 10_000_000_000
 
 
 class DirectIOWarning(RuntimeWarning):
@@ -306,9 +306,10 @@ class Ring:
         if core.status() & L.STATUS_FLUSHER_DONE:
             return
         # One restart at a time across all processes: whoever moves the restart
-        # stamp spawns; the others give it a few seconds to come up.  (The file
-        # lock would stop a second flusher anyway, but not the cost of starting
-        # one Python process per waiting writer.)
+        # stamp spawns; the new flusher clears the stamp once it runs.  A stamp
+        # older than the grace is a restarter that died first.  (The file lock
+        # would stop a second flusher anyway, but not the cost of starting one
+        # Python process per waiting writer.)
         now = time.monotonic_ns()
         stamp = core.header(L.H_RESTART_AT)
         if stamp and now - stamp < _RESTART_GRACE_NS:

@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             ring.header_add(L.H_RESTARTS, 1)
         ring.set_header(L.H_FLUSHER_START, _proc.start_time(os.getpid()))
         ring.set_header(L.H_FLUSHER_PID, os.getpid())
+        ring.set_header(L.H_RESTART_AT, 0)  # the restart (if any) is done
         flusher = Flusher(ring, fd)
         try:
             flusher.enable_direct_io()
