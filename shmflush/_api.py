@@ -50,7 +50,7 @@ _KIND_ABANDONED: Final = _format.KIND_ABANDONED
 _BATCH_BYTES: Final = 64 << 10
 
 _FLUSHER_START_TIMEOUT: Final = 30.0
-_RESTART_GRACE_NS: Final = 10_000_000_000
+_RESTART_GRACE_NS: Final = 3_000_000_000
 
 
 class DirectIOWarning(RuntimeWarning):
