@@ -18,8 +18,10 @@ What recovery works from (see _layout and _ring):
 
 A stuck fill is resolved by walking its records from offset 0.  A valid header
 is a finished record.  A zero header is the start of a dead writer's claim, whose
-size one of the dead intents names; when several dead claims share a fill, the
-walk tries each size (depth-first).  Each such hole becomes an ABANDONED record
+size one of the dead intents names; so may be a valid header, since a batch claim
+(append_many, append_array) holds several records and its writer may have died
+after finishing some of them.  The walk is a depth-first search over these
+choices, preferring records, and over the dead claims' sizes.  Each such hole becomes an ABANDONED record
 and is committed on the dead slot's behalf.  A finished record whose writer died
 before committing is committed likewise.  If the fill was never closed (the dead
 writer was its closer), its used length is the furthest point the walk can reach
@@ -199,7 +201,11 @@ class Recovery:
         for at, size in holes:
             slot = next(k for k, s in owners if s == size)
             owners.remove((slot, size))
-            ring.abandon(start + at, size)
+            # Keep the claim's finished records (the head of a batch); abandon
+            # the rest of the claim from the first unfinished one.
+            first_unfinished = self._finished_prefix(start + at, start + at + size)
+            if first_unfinished < start + at + size:
+                ring.abandon(first_unfinished, start + at + size - first_unfinished)
             self._commit(slot, i, size)
         if not extent_stored:
             ring._close_fill(i, end)
@@ -213,6 +219,17 @@ class Recovery:
             self._commit(dead[0][0], i, deficit)
         ring.wake_flusher()
         return True
+
+    def _finished_prefix(self, at: int, end: int) -> int:
+        """The offset of the first unfinished record in the claim [at, end)."""
+        view = self.ring.view
+        while at + _format.RECORD_HEADER_SIZE <= end:
+            length, kind, mark = _HEADER.unpack_from(view, at)
+            size = _format.record_size(length)
+            if mark != _format.RECORD_MARK or kind not in _VALID_KINDS or at + size > end:
+                break
+            at += size
+        return at
 
     def _commit(self, slot: int, i: int, size: int) -> None:
         ring = self.ring
@@ -248,8 +265,14 @@ class Recovery:
             if p + _format.RECORD_HEADER_SIZE <= limit:
                 length, kind, mark = _HEADER.unpack_from(view, start + p)
                 if mark == _format.RECORD_MARK and kind in _VALID_KINDS:
+                    # A finished record; try it as one first, so that finished
+                    # records stay records whenever the rest still fits.
                     end = p + _format.record_size(length)
-                    return end <= limit and visit(end, left, holes)
+                    if end <= limit and visit(end, left, holes):
+                        return True
+            # A dead claim starting here.  It may begin with finished records:
+            # one claim of append_many or append_array holds a whole batch, and
+            # its writer may have died after writing only part of it.
             for size in sorted(set(left), reverse=True):
                 if p + size <= limit:
                     rest = list(left)

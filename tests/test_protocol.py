@@ -299,3 +299,49 @@ def test_failed_write_keeps_buffer_and_breaks_ring(
     bare.flusher.flush_pending(1e9)
     assert bare.records() == [b"keep me"]
     assert bare.core.state(i) & L.IDLE
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_dead_writer_mid_batch_is_recovered_keeping_its_finished_records(bare: Bare) -> None:
+    # A batch claim (append_many) holds several records; its writer died after
+    # finishing the first and half-writing the second.  Recovery must find the
+    # claim although it starts with a valid header.
+    from shmflush import _atomic
+    from shmflush._recovery import Recovery
+
+    core = bare.core
+    bare.ring.append(b"before")
+    lane_word = core.words[core.lane_w[0]]
+    i = lane_word & L.LANE_INDEX_MASK
+    fill = lane_word >> L.LANE_FILL_SHIFT
+    # The dead writer's slot: a dead pid, its intent, its claim of two records.
+    k = 9
+    at = core.geometry.lease(k)
+    core.words[(at + L.L_PID) // 8] = _dead_pid()
+    total = _format.record_size(100) * 2
+    core.words[(at + L.L_INTENT) // 8] = ((fill & 0xFFFFFFFF) << 32) | total
+    old = _atomic.fetch_add(core.state_addr[i], total << 32, 5)
+    first = core.records_at[i] + (old >> 32)
+    core.view[first + 8 : first + 108] = b"1" * 100
+    _format.pack_record_header(core.view, first, 100)
+    second = first + _format.record_size(100)
+    core.view[second + 8 : second + 58] = b"2" * 50  # died here: no header
+    bare.ring.append(b"after")  # a live writer's record past the dead claim
+    core.seal(i)
+    recovery = Recovery(core)
+    for now in (0.0, 10.0):
+        recovery.run(now)
+    bare.flush()
+    reader = shmflush.read(bare.path)
+    assert list(reader) == [b"before", b"1" * 100, b"after"]
+    assert reader.abandoned == 1
+    assert core.state(i) & L.IDLE
+    assert core.words[(at + L.L_PID) // 8] == 0  # the dead slot is free again
