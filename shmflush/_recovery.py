@@ -21,8 +21,9 @@ is a finished record.  A zero header is the start of a dead writer's claim, whos
 size one of the dead intents names; so may be a valid header, since a batch claim
 (append_many, append_array) holds several records and its writer may have died
 after finishing some of them.  The walk is a depth-first search over these
-choices, preferring records, and over the dead claims' sizes.  Each such hole becomes an ABANDONED record
-and is committed on the dead slot's behalf.  A finished record whose writer died
+choices, preferring records, and over the dead claims' sizes.  The unfinished
+part of each dead claim becomes an ABANDONED record, and the whole claim is
+committed on the dead slot's behalf.  A finished record whose writer died
 before committing is committed likewise.  If the fill was never closed (the dead
 writer was its closer), its used length is the furthest point the walk can reach
 such that everything after it is still zero: valid claims tile the record area
