@@ -70,6 +70,7 @@ class Flusher:
         self.can_preallocate = True
         self.allocated = os.fstat(fd).st_size
         self.next_recovery = 0.0
+        self.next_sweep = 0.0
 
     # -- file ----------------------------------------------------------------
 
@@ -367,6 +368,9 @@ class Flusher:
             if now >= self.next_recovery:
                 self.next_recovery = now + min(0.05, self.recovery.timeout / 4)
                 self.recovery.run(now)
+            if now >= self.next_sweep:
+                self.next_sweep = now + 1.0
+                self.recovery.sweep()
             # A closed fill waits for writers still copying (microseconds): look
             # again soon rather than after a whole interval.
             wait = 0.0002 if incomplete else idle_wait

@@ -124,6 +124,44 @@ class Recovery:
                 self._free(k, pid)
         return out
 
+    def sweep(self) -> None:
+        """Free the lease slots of dead writers whose intent no longer matters.
+
+        A writer can die with an intent that nothing is stuck on: after its
+        commit but before clearing it, after a rejected claim, or while rotating
+        before it reserved anything.  Run every second or so; the stuck-fill path
+        handles the intents that still matter.
+        """
+        ring = self.ring
+        g = ring.geometry
+        words = ring.words
+        pending: set[int] = set()
+        reserved = False
+        unclosed: set[int] = set()
+        for i in range(g.buffers):
+            st = ring.state(i)
+            if st & L.RESERVED:
+                reserved = True
+            if not st & L.IDLE:
+                pending.add(words[ring.fill_w[i]] & _TAG_MASK)
+            if st & L.SEALED and not st & (L.CLOSED | L.IDLE | L.RESERVED):
+                unclosed.add(i)
+        for k in range(g.max_writers):
+            at = g.lease(k)
+            pid = words[(at + L.L_PID) // 8]
+            if not pid or _proc.is_alive(pid, words[(at + L.L_START) // 8]):
+                continue
+            intent = words[(at + L.L_INTENT) // 8]
+            kind = intent & L.INTENT_KIND_MASK
+            if kind == L.INTENT_ROTATING:
+                matters = reserved
+            elif kind == L.INTENT_SEALING:
+                matters = (intent >> 32) in unclosed
+            else:
+                matters = bool(intent) and (intent >> 32) in pending
+            if not matters:
+                self._free(k, pid)
+
     def _free(self, k: int, pid: int) -> None:
         ring = self.ring
         at = ring.geometry.lease(k)

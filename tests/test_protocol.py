@@ -345,3 +345,33 @@ def test_dead_writer_mid_batch_is_recovered_keeping_its_finished_records(bare: B
     assert reader.abandoned == 1
     assert core.state(i) & L.IDLE
     assert core.words[(at + L.L_PID) // 8] == 0  # the dead slot is free again
+
+
+def test_phantom_waiters_do_not_pile_up_the_space_semaphore(bare: Bare) -> None:
+    # Writers SIGKILLed while waiting for space never take themselves off the
+    # waiter count; the flusher must not post for them without bound.
+    core = bare.core
+    core.set_header(L.H_WAITERS, 1000)
+    for _ in range(10):
+        core.post_space()
+    assert core.space_sem is not None
+    assert core.space_sem.value <= 64
+
+
+def test_sweep_frees_dead_slots_whose_intent_no_longer_matters(bare: Bare) -> None:
+    from shmflush._recovery import Recovery
+
+    core = bare.core
+    g = core.geometry
+    stale = {
+        3: L.INTENT_ROTATING,  # died rotating, reserved nothing
+        4: (123 << 32) | 64,  # a claim in a fill that is long gone
+        5: 0,  # nothing in flight
+    }
+    for k, intent in stale.items():
+        at = g.lease(k)
+        core.words[(at + L.L_PID) // 8] = _dead_pid()
+        core.words[(at + L.L_INTENT) // 8] = intent
+    Recovery(core).sweep()
+    for k in stale:
+        assert core.words[(g.lease(k) + L.L_PID) // 8] == 0, f"slot {k} still taken"

@@ -1,0 +1,908 @@
+"""``scripts/soak.py``: SIGKILL writers and the flusher at random under a live load,
+then check the file record by record.
+
+This process is the ring's owner.  It keeps a pool of writer processes appending
+(``append``, ``reserve`` and ``append_many`` batches, with an occasional
+``sync``), and every so often SIGKILLs one of them (which it replaces with a new
+one) or the flusher (which the owner's watchdog restarts).  Each writer process
+gets a writer id of its own, so the sequence numbers of one id belong to one
+process.  After each append returns, the writer reports the highest sequence
+number it has appended through a pipe, 12 bytes in one write(2) (atomic, being
+under PIPE_BUF), so the owner knows exactly which records were acknowledged.
+
+At the end the owner stops the writers, syncs, closes the ring and reads the file
+back (strictly).  An acknowledged record that is missing is *lost*; a record
+seen twice is *duplicated*; a record of one writer that comes before one with a
+higher sequence number is *out of order*; a record whose bytes are not what its
+writer wrote is *corrupt*.  A record that is in the file but was never
+acknowledged (the writer died while appending it) is allowed.  The one-line
+verdict goes to stdout; progress and diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import shmflush
+
+from . import _format, _proc
+from . import _layout as L
+from ._ring import Ring, attach_ring
+
+# Every record starts with (writer id, sequence number); the same 12 bytes are
+# what a writer sends through the pipe to acknowledge its appends.
+HEADER = struct.Struct("<IQ")
+
+# Filler sizes run from 0 to this; most are small, so a 16 KiB buffer holds many
+# records and rotations happen often.
+MAX_FILLER = 2048
+# The filler of a record is a window into this fixed pseudo-random pattern whose
+# start depends on (writer id, seq), so a record's bytes pasted elsewhere, or
+# shifted, do not match.
+_SPAN = 4093  # prime: neighbouring records start far apart
+_PATTERN = random.Random(0x50A4).randbytes(_SPAN + MAX_FILLER)
+
+_STOP_FILE = "stop"
+_LOG_FILE = "soak.log"
+
+# Writers give up on an append after this long: a wedged ring then shows up as
+# writer errors instead of a silent hang.
+_APPEND_TIMEOUT_S = 60.0
+# Writers look at the stop file once per this many operations.
+_STOP_CHECK_EVERY = 16
+_STOP_GRACE_S = 10.0
+_CLOSE_TIMEOUT_S = 120.0
+# The final sync: recovery of a dead writer's claim takes well under a second.
+_SYNC_TIMEOUT_S = 30.0
+_PROGRESS_EVERY_S = 10.0
+# No acknowledgement for this long while writers run: dump the ring's state.
+_STALL_S = 20.0
+# A buffer whose state, fill and commits stay the same this long under one live
+# flusher, while recovery settles a dead writer's claim within recovery_timeout
+# (0.2 s), is stuck: dump the ring.
+_STUCK_S = 5.0
+# A restarted flusher is a new Python process: on a loaded machine it takes a
+# second or two to start.  No live flusher for this long is an error.
+_DOWN_S = 15.0
+# Share of kills aimed at the flusher rather than a writer.
+_FLUSHER_SHARE = 0.2
+_EXAMPLES = 5
+
+_WRITER_CODE = (
+    "import sys; from shmflush._soak import writer_main; sys.exit(writer_main(sys.argv[1:]))"
+)
+
+
+def filler_size(writer_id: int, seq: int) -> int:
+    """The filler length of record *seq* of writer *writer_id* (0 to MAX_FILLER)."""
+    h = ((writer_id * 0x9E3779B1) ^ (seq * 0x85EBCA77)) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    bucket = h % 20
+    if bucket < 14:
+        return (h >> 8) % 160
+    if bucket < 19:
+        return (h >> 8) % 1000
+    return (h >> 8) % (MAX_FILLER + 1)
+
+
+def expected_record(writer_id: int, seq: int) -> bytes:
+    """Record *seq* of writer *writer_id*, exactly as the writer appends it."""
+    start = (writer_id * 131 + seq * 61) % _SPAN
+    return HEADER.pack(writer_id, seq) + _PATTERN[start : start + filler_size(writer_id, seq)]
+
+
+# -- the writer process ------------------------------------------------------------
+
+
+def writer_main(argv: Sequence[str]) -> int:
+    """Body of one writer process: ``NAME WRITER_ID ACK_FD STOP_FILE SEED BATCHES``.
+
+    Appends records 0, 1, 2, ... of its writer id until the stop file appears (or
+    its parent goes away), acknowledging each returned append or batch on ACK_FD.
+    Any error propagates: the process exits non-zero, and the soak counts it.
+    """
+    name, writer_id_text, fd_text, stop, seed_text, batches_text = argv
+    batch_share = 0.25 if batches_text == "1" else 0.0
+    writer_id, fd = int(writer_id_text), int(fd_text)
+    parent = os.getppid()
+    rng = random.Random(int(seed_text))
+    ack = HEADER.pack
+    timeout = _APPEND_TIMEOUT_S
+    ring = shmflush.attach(name)
+    try:
+        seq = 0
+        ops = 0
+        while True:
+            if ops % _STOP_CHECK_EVERY == 0 and (os.path.exists(stop) or os.getppid() != parent):
+                return 0
+            ops += 1
+            roll = rng.random()
+            if roll < 0.75 - batch_share:
+                ring.append(expected_record(writer_id, seq), timeout=timeout)
+                seq += 1
+            elif roll < 1.0 - batch_share:
+                record = expected_record(writer_id, seq)
+                with ring.reserve(len(record), timeout=timeout) as view:
+                    # Two stores, like a caller building its record in place.
+                    view[: HEADER.size] = record[: HEADER.size]
+                    view[HEADER.size :] = record[HEADER.size :]
+                seq += 1
+            else:
+                count = rng.randint(2, 8)
+                ring.append_many(
+                    [expected_record(writer_id, s) for s in range(seq, seq + count)],
+                    timeout=timeout,
+                )
+                seq += count
+            os.write(fd, ack(writer_id, seq - 1))
+            if roll > 0.997:
+                ring.sync(timeout=timeout)
+    finally:
+        ring.close()
+
+
+# -- checking the file ---------------------------------------------------------------
+
+
+@dataclass
+class FileCheck:
+    """What reading the file back found."""
+
+    in_file: int = 0  #: DATA records read
+    lost: int = 0  #: acknowledged records missing
+    duplicated: int = 0  #: records read more than once
+    out_of_order: int = 0  #: records that came after a later record of their writer
+    corrupt: int = 0  #: records whose bytes are not what their writer wrote
+    unacked_in_file: int = 0  #: records in the file that were never acknowledged
+    abandoned: int = 0  #: ABANDONED records the reader skipped
+    read_error: str = ""  #: what the strict read raised, if anything
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    #: writer id -> (first missing seq, missing count) for acknowledged records
+    lost_by_writer: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def note(self, kind: str, what: str) -> None:
+        examples = self.examples.setdefault(kind, [])
+        if len(examples) < _EXAMPLES:
+            examples.append(what)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.lost or self.duplicated or self.out_of_order or self.corrupt or self.read_error
+        )
+
+
+def check_file(
+    path: str, acked: Mapping[int, int], known: Callable[[int], bool], *, strict: bool = True
+) -> FileCheck:
+    """Read *path* and compare it with the acknowledgements.
+
+    *acked* maps a writer id to the highest sequence number acknowledged (writers
+    that acknowledged nothing may be absent); *known* tells whether a writer id
+    was ever started.  Memory: per writer, the next expected sequence number and
+    the list of gaps, which is empty unless something went wrong.  With
+    *strict* false, damaged stretches are skipped and listed in ``read_error``.
+    """
+    out = FileCheck()
+    following: dict[int, int] = {}  # writer id -> next seq expected
+    gaps: dict[int, list[list[int]]] = {}  # writer id -> [[lo, hi), ...] not seen yet
+    reader = shmflush.read(path, strict=strict)
+    index = 0
+    try:
+        for index, payload in enumerate(reader):
+            out.in_file += 1
+            if len(payload) < HEADER.size:
+                out.corrupt += 1
+                out.note("corrupt", f"record #{index}: {len(payload)} bytes, no header")
+                continue
+            writer_id, seq = HEADER.unpack_from(payload)
+            if not known(writer_id):
+                out.corrupt += 1
+                out.note("corrupt", f"record #{index}: unknown writer id {writer_id}")
+                continue
+            where = f"record #{index} (writer {writer_id} seq {seq})"
+            if payload != expected_record(writer_id, seq):
+                out.corrupt += 1
+                out.note("corrupt", f"{where}: {len(payload)} bytes, not as written")
+            expected = following.get(writer_id, 0)
+            first_time = True
+            if seq == expected:
+                following[writer_id] = seq + 1
+            elif seq > expected:
+                gaps.setdefault(writer_id, []).append([expected, seq])
+                following[writer_id] = seq + 1
+            else:
+                first_time = _fill_gap(gaps.get(writer_id, []), seq)
+                if first_time:
+                    out.out_of_order += 1
+                    out.note("out_of_order", f"{where} after seq {expected - 1}")
+                else:
+                    out.duplicated += 1
+                    out.note("duplicated", where)
+            if first_time and seq > acked.get(writer_id, -1):
+                out.unacked_in_file += 1
+    except shmflush.ShmflushError as exc:
+        out.read_error = f"after record #{index}: {exc}"
+    finally:
+        reader.close()
+        out.abandoned = reader.abandoned
+    if reader.damaged:
+        out.read_error = "damaged: " + ", ".join(
+            f"[{d.start}, {d.end}) {d.reason}" for d in reader.damaged[:_EXAMPLES]
+        )
+    for writer_id, top in sorted(acked.items()):
+        missing: list[tuple[int, int]] = []
+        for lo, hi in gaps.get(writer_id, []):
+            if lo <= top:
+                missing.append((lo, min(hi, top + 1) - lo))
+        after = following.get(writer_id, 0)
+        if after <= top:
+            missing.append((after, top + 1 - after))
+        if missing:
+            out.lost_by_writer[writer_id] = missing
+            out.lost += sum(n for _, n in missing)
+            for lo, n in missing:
+                out.note("lost", f"writer {writer_id} seq {lo}..{lo + n - 1} (acked {top})")
+    return out
+
+
+def _fill_gap(gaps: list[list[int]], seq: int) -> bool:
+    """Remove *seq* from the gap that holds it; False if no gap does (a duplicate)."""
+    for k, (lo, hi) in enumerate(gaps):
+        if lo <= seq < hi:
+            pieces = [p for p in ([lo, seq], [seq + 1, hi]) if p[0] < p[1]]
+            gaps[k : k + 1] = pieces
+            return True
+    return False
+
+
+# -- the owner ---------------------------------------------------------------------
+
+
+@dataclass
+class _Incarnation:
+    """One writer process."""
+
+    writer_id: int
+    proc: subprocess.Popen[bytes]
+    started: float
+    ended: float = 0.0
+    end: str = ""  # "killed", "stopped", "exit N", "straggler"
+
+
+class _Soak:
+    def __init__(self, args: argparse.Namespace, path: str, stop_path: str) -> None:
+        self.args = args
+        self.name: str = args.name
+        self.path = path
+        self.stop_path = stop_path
+        self.rng = random.Random(args.seed)
+        self.ring: shmflush.Ring | None = None
+        self.running: list[_Incarnation] = []
+        self.history: dict[int, _Incarnation] = {}
+        self.next_id = 1
+        self.acked: dict[int, int] = {}
+        self.ack_read = -1
+        self.ack_write = -1
+        self.ack_thread: threading.Thread | None = None
+        self.writer_kills = 0
+        self.flusher_kills: list[tuple[float, int]] = []  # (time, pid)
+        self.errors: list[str] = []
+        self.watch: Ring | None = None  # our own mapping, to look at the state words
+        self.stuck_seen: dict[int, tuple[tuple[int, int, int, int], float]] = {}
+        self.down_since = 0.0  # when the ring last lost its live flusher (0: it has one)
+        self.down_max = 0.0  # longest time without a live flusher
+        self.down_periods = 0
+        self.down_reported = False
+        self.stuck_reported: set[tuple[int, int]] = set()  # (buffer, fill)
+        self.began = time.monotonic()
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # Only the soak kills: a crash point inherited from the environment would
+        # make writers die in ways the acknowledgements cannot describe.
+        env.pop("SHMFLUSH_CRASH_AT", None)
+        self.env = env
+
+    # -- set-up and tear-down ------------------------------------------------------
+
+    def start(self) -> None:
+        a = self.args
+        self.ring = shmflush.create(
+            self.name,
+            self.path,
+            buffer_size=a.buffer_size,
+            buffers=a.buffers,
+            lanes=a.lanes,
+            flush_interval=0.01,
+            recovery_timeout=0.2,
+        )
+        self.watch = attach_ring(self.name)
+        self.ack_read, self.ack_write = os.pipe2(os.O_CLOEXEC)
+        self.ack_thread = threading.Thread(target=self._read_acks, name="soak-acks", daemon=True)
+        self.ack_thread.start()
+        for _ in range(a.writers):
+            self._spawn()
+
+    def _read_acks(self) -> None:
+        # Runs until every write end is closed: ours (after the writers stop) and
+        # the writers' (when they exit).
+        acked = self.acked
+        pending = b""
+        size = HEADER.size
+        while chunk := os.read(self.ack_read, size * 5000):
+            data = pending + chunk
+            usable = len(data) - len(data) % size
+            for writer_id, seq in HEADER.iter_unpack(data[:usable]):
+                acked[writer_id] = seq
+            pending = data[usable:]
+
+    def _spawn(self) -> None:
+        writer_id = self.next_id
+        self.next_id += 1
+        seed = self.rng.getrandbits(63)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRITER_CODE,
+                self.name,
+                str(writer_id),
+                str(self.ack_write),
+                self.stop_path,
+                str(seed),
+                "1" if self.args.batches else "0",
+            ],
+            pass_fds=(self.ack_write,),
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            # The owner stops the writers itself; a terminal's Ctrl-C must not.
+            start_new_session=True,
+        )
+        incarnation = _Incarnation(writer_id, proc, time.monotonic())
+        self.running.append(incarnation)
+        self.history[writer_id] = incarnation
+
+    def stop_writers(self) -> None:
+        """Ask the writers to stop, kill the ones that do not, and reap them all."""
+        with open(self.stop_path, "wb"):
+            pass
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for inc in self.running:
+            try:
+                code = inc.proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                inc.proc.kill()
+                inc.proc.wait()
+                inc.end = "straggler"
+                self.errors.append(f"writer {inc.writer_id} did not stop within {_STOP_GRACE_S} s")
+            else:
+                inc.end = "stopped" if code == 0 else f"exit {code}"
+                if code:
+                    self.errors.append(f"writer {inc.writer_id} exited with status {code}")
+            inc.ended = time.monotonic()
+        self.running = []
+
+    def drain_acks(self) -> None:
+        if self.ack_write >= 0:
+            os.close(self.ack_write)
+            self.ack_write = -1
+        if self.ack_thread is not None:
+            self.ack_thread.join(30)
+            if self.ack_thread.is_alive():
+                self.errors.append("the acknowledgement pipe did not reach end of file")
+
+    def cleanup(self) -> None:
+        """Idempotent; runs whatever happened before."""
+        for inc in self.running:
+            with contextlib.suppress(OSError):
+                inc.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                inc.proc.wait(10)
+        self.running = []
+        if self.watch is not None:
+            self.watch.unmap()
+            self.watch = None
+        if self.ring is not None:
+            try:
+                self.ring.close(timeout=_CLOSE_TIMEOUT_S)
+            except shmflush.ShmflushError as exc:
+                self.errors.append(f"close: {exc}")
+        if self.ack_write >= 0:
+            os.close(self.ack_write)
+            self.ack_write = -1
+        if self.ack_thread is not None:
+            self.ack_thread.join(10)
+        if self.ack_read >= 0 and (self.ack_thread is None or not self.ack_thread.is_alive()):
+            os.close(self.ack_read)
+            self.ack_read = -1
+
+    # -- the load and the kills ----------------------------------------------------
+
+    def run(self, seconds: float) -> None:
+        ring = self.ring
+        assert ring is not None
+        rng = self.rng
+        mean = self.args.kill_interval
+        self.began = now = time.monotonic()
+        end = now + seconds
+        next_kill = now + rng.expovariate(1 / mean)
+        next_progress = now + _PROGRESS_EVERY_S
+        last_acked, last_progress_at, dumped = -1, now, False
+        while now < end:
+            time.sleep(max(min(next_kill, end, now + 0.05) - now, 0.0))
+            now = time.monotonic()
+            self._replace_exited()
+            if now >= next_kill and now < end:
+                if rng.random() < _FLUSHER_SHARE:
+                    self._kill_flusher()
+                else:
+                    self._kill_writer()
+                next_kill = time.monotonic() + rng.expovariate(1 / mean)
+            if now >= next_progress:
+                next_progress += _PROGRESS_EVERY_S
+                self._progress(now)
+            self._look_for_stuck_buffers(now)
+            acked = self.appended
+            if acked != last_acked:
+                last_acked, last_progress_at, dumped = acked, now, False
+            elif now - last_progress_at > _STALL_S and not dumped:
+                dumped = True
+                print(f"soak: no append acknowledged for {_STALL_S:.0f} s:", file=sys.stderr)
+                print(describe_ring(self.name, self.pids()), file=sys.stderr, flush=True)
+
+    @property
+    def appended(self) -> int:
+        return sum(seq + 1 for seq in list(self.acked.values()))
+
+    def _progress(self, now: float) -> None:
+        ring = self.ring
+        assert ring is not None
+        stats = ring.stats()
+        print(
+            f"soak: {now - self.began:.0f}s kills={self.writer_kills + len(self.flusher_kills)} "
+            f"(writers={self.writer_kills} flusher={len(self.flusher_kills)}) "
+            f"appended={self.appended} flushed={stats.buffers_flushed} "
+            f"recovered={stats.recovered} restarts={stats.flusher_restarts} "
+            f"flusher_down_max={self.down_max:.1f}s errors={len(self.errors)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def pids(self) -> dict[int, int]:
+        return {inc.proc.pid: writer_id for writer_id, inc in self.history.items()}
+
+    def _watch_flusher(self, now: float) -> int:
+        """Track how long the ring goes without a live flusher; returns the live
+        flusher's pid, or 0 if there is none."""
+        core = self.watch
+        if core is None:
+            return 0
+        pid = core.header(L.H_FLUSHER_PID)
+        if _proc.is_alive(pid, core.header(L.H_FLUSHER_START)):
+            if self.down_since:
+                self.down_periods += 1
+                self.down_max = max(self.down_max, now - self.down_since)
+                self.down_since = 0.0
+            return pid
+        if not self.down_since:
+            self.down_since = now
+        elif now - self.down_since > _DOWN_S and not self.down_reported:
+            self.down_reported = True
+            self.errors.append(f"no live flusher for {_DOWN_S:.0f} s")
+            print(
+                f"soak: {now - self.began:.1f}s: no live flusher for {_DOWN_S:.0f} s:\n"
+                f"{describe_ring(self.name, self.pids())}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 0
+
+    def _look_for_stuck_buffers(self, now: float) -> None:
+        core = self.watch
+        flusher = self._watch_flusher(now)
+        if core is None or not flusher:
+            # Without a live flusher nothing moves; that is restart time, which
+            # _watch_flusher accounts for.
+            self.stuck_seen.clear()
+            return
+        for i in range(core.geometry.buffers):
+            st = core.state(i)
+            if st & L.IDLE:
+                self.stuck_seen.pop(i, None)
+                continue
+            fill = core.words[core.fill_w[i]]
+            signature = (st, fill, core.committed(i), flusher)
+            seen = self.stuck_seen.get(i)
+            if seen is None or seen[0] != signature:
+                self.stuck_seen[i] = (signature, now)
+            elif now - seen[1] > _STUCK_S and (i, fill) not in self.stuck_reported:
+                self.stuck_reported.add((i, fill))
+                self.errors.append(f"buffer {i} stuck at fill {fill} for {_STUCK_S:.0f} s")
+                print(
+                    f"soak: {now - self.began:.1f}s: buffer {i} fill {fill} has not moved for "
+                    f"{_STUCK_S:.0f} s under flusher {flusher}:\n"
+                    f"{describe_ring(self.name, self.pids())}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def _replace_exited(self) -> None:
+        for inc in list(self.running):
+            code = inc.proc.poll()
+            if code is None:
+                continue
+            inc.end, inc.ended = f"exit {code}", time.monotonic()
+            self.errors.append(f"writer {inc.writer_id} exited with status {code} during the load")
+            self.running.remove(inc)
+            self._spawn()
+
+    def _kill_writer(self) -> None:
+        inc = self.rng.choice(self.running)
+        inc.proc.kill()
+        inc.proc.wait()
+        inc.end, inc.ended = "killed", time.monotonic()
+        self.writer_kills += 1
+        self.running.remove(inc)
+        self._spawn()
+
+    def _kill_flusher(self) -> None:
+        ring = self.ring
+        assert ring is not None
+        pid = ring.stats().flusher_pid
+        # The pid in the header may be stale (a flusher that died and was reaped,
+        # its pid reused): pin the process with a pidfd, then make sure it is this
+        # ring's flusher and still running before signalling it.
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone: the watchdog is restarting it
+        try:
+            if not _is_flusher_of(pid, self.name):
+                return
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            return
+        finally:
+            os.close(pidfd)
+        self.flusher_kills.append((time.monotonic(), pid))
+
+    # -- the end -------------------------------------------------------------------
+
+    def finish(self) -> shmflush.Stats | None:
+        """Stop the load, sync and close the ring; returns its last stats."""
+        self.stop_writers()
+        self.drain_acks()
+        ring = self.ring
+        assert ring is not None
+        stats: shmflush.Stats | None = None
+        try:
+            ring.sync(timeout=_SYNC_TIMEOUT_S)
+        except shmflush.ShmflushError as exc:
+            self.errors.append(f"final sync: {exc}")
+            print(describe_ring(self.name, self.pids()), file=sys.stderr, flush=True)
+        with contextlib.suppress(shmflush.ShmflushError):
+            stats = ring.stats()
+        try:
+            ring.close(timeout=_CLOSE_TIMEOUT_S)
+        except shmflush.ShmflushError as exc:
+            self.errors.append(f"close: {exc}")
+        return stats
+
+    def explain(self, check: FileCheck) -> None:
+        """Print the first examples of each problem, with the writers' histories."""
+        for kind, examples in check.examples.items():
+            for example in examples:
+                print(f"soak: {kind}: {example}", file=sys.stderr)
+        for writer_id in list(check.lost_by_writer)[:_EXAMPLES]:
+            inc = self.history.get(writer_id)
+            if inc is None:
+                continue
+            near = [
+                f"{t - self.began:.2f}s (pid {pid})"
+                for t, pid in self.flusher_kills
+                if inc.started - 1 <= t <= (inc.ended or t) + 1
+            ]
+            print(
+                f"soak: writer {writer_id} (pid {inc.proc.pid}) ran "
+                f"{inc.started - self.began:.2f}s..{inc.ended - self.began:.2f}s, "
+                f"ended {inc.end or '?'}, acked up to {self.acked.get(writer_id)}; "
+                f"flusher kills near it: {', '.join(near) or 'none'}",
+                file=sys.stderr,
+            )
+        for error in self.errors[:20]:
+            print(f"soak: error: {error}", file=sys.stderr)
+        sys.stderr.flush()
+
+
+def _is_flusher_of(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"flusher" in argv and os.fsencode(name) in argv and _proc.is_alive(pid, 0)
+
+
+def describe_ring(name: str, pids: Mapping[int, int] | None = None) -> str:
+    """A multi-line dump of ring *name*: state words, lanes, leases, and the record
+    headers of every buffer that is not idle (for stalls and stuck buffers).
+
+    *pids* maps writer pids to writer ids, to name the writers in the dump.
+    """
+    try:
+        core = attach_ring(name)
+    except shmflush.ShmflushError as exc:
+        return f"  cannot attach to ring {name!r}: {exc}"
+    try:
+        lines = _describe(core, pids or {})
+    finally:
+        core.unmap()
+    lines.extend(f"  flusher process {p}" for p in _flusher_processes(name))
+    return "\n".join(lines)
+
+
+def _flusher_processes(name: str) -> list[str]:
+    """``pid (parent, state, age)`` of every running flusher of ring *name*."""
+    found = []
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime", "rb") as f:
+        uptime = float(f.read().split()[0])
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if b"flusher" not in argv or os.fsencode(name) not in argv:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        age = uptime - int(fields[19]) / ticks
+        found.append(f"{entry} (parent {int(fields[1])}, {fields[0].decode()}, {age:.1f} s old)")
+    return found
+
+
+def _describe(core: Ring, pids: Mapping[int, int]) -> list[str]:
+    g = core.geometry
+    words = core.words
+    flusher = core.header(L.H_FLUSHER_PID)
+    lines = [
+        f"  status={core.status():#x} flusher={flusher} "
+        f"alive={_proc.is_alive(flusher, core.header(L.H_FLUSHER_START))} "
+        f"waiters={core.header(L.H_WAITERS)} recovered={core.header(L.H_RECOVERED)} "
+        f"restarts={core.header(L.H_RESTARTS)} next_address={core.header(L.H_NEXT_ADDRESS)}"
+    ]
+    flags = [
+        (L.SEALED, "SEALED"),
+        (L.FLUSHING, "FLUSHING"),
+        (L.CLOSED, "CLOSED"),
+        (L.IDLE, "IDLE"),
+        (L.RESERVED, "RESERVED"),
+    ]
+    for i in range(g.buffers):
+        st = core.state(i)
+        names = "|".join(n for bit, n in flags if st & bit) or "open"
+        lines.append(
+            f"  buffer {i}: {names} offset={st >> L.OFFSET_SHIFT} "
+            f"fill={words[core.fill_w[i]]} used={words[core.used_w[i]]} "
+            f"extent_of={words[core.extent_of_w[i]]} committed={core.committed(i)} "
+            f"address={words[core.address_w[i]]}"
+        )
+        if not st & L.IDLE:
+            lines.append(f"    records: {_walk_records(core, i)}")
+    for lane, w in enumerate(core.lane_w):
+        word = words[w]
+        lines.append(
+            f"  lane {lane}: buffer {word & L.LANE_INDEX_MASK} fill {word >> L.LANE_FILL_SHIFT}"
+        )
+    for k in range(g.max_writers):
+        at = g.lease(k)
+        pid = words[(at + L.L_PID) // 8]
+        intent = words[(at + L.L_INTENT) // 8]
+        if pid or intent:
+            alive = _proc.is_alive(pid, words[(at + L.L_START) // 8])
+            who = f" (writer {pids[pid]})" if pid in pids else ""
+            lines.append(
+                f"  lease {k}: pid {pid}{who} {'alive' if alive else 'dead'} "
+                f"intent={intent:#x} (fill tag {intent >> 32}, "
+                f"size {intent & 0xFFFFFFFF & ~L.INTENT_KIND_MASK}, "
+                f"kind {(intent & L.INTENT_KIND_MASK) >> 30})"
+            )
+    return lines
+
+
+def _walk_records(core: Ring, i: int) -> str:
+    """The record headers of buffer *i* from offset 0: ``offset:size:kind[writer/seq]``
+    up to the first header that is not a valid record (shown as ``offset:?``)."""
+    view = core.view
+    start = core.records_at[i]
+    out: list[str] = []
+    p = 0
+    while p + _format.RECORD_HEADER_SIZE <= core.capacity and len(out) < 400:
+        length, kind, mark = _format.RECORD_HEADER.unpack_from(view, start + p)
+        if mark != _format.RECORD_MARK or kind not in (_format.KIND_DATA, _format.KIND_ABANDONED):
+            rest = bytes(view[start + p : start + core.capacity])
+            nonzero = [k for k, b in enumerate(rest) if b]
+            tail = f"next nonzero at {p + nonzero[0]}" if nonzero else "zeros to the end"
+            out.append(f"{p}:? ({length},{kind},{mark:#x}; {tail})")
+            break
+        size = _format.record_size(length)
+        what = "A"
+        if kind == _format.KIND_DATA and length >= HEADER.size:
+            writer_id, seq = HEADER.unpack_from(view, start + p + _format.RECORD_HEADER_SIZE)
+            what = f"{writer_id}/{seq}"
+        out.append(f"{p}:{size}:{what}")
+        p += size
+    return " ".join(out)
+
+
+# -- the command line -----------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    """Parse ``16384``, ``16K`` or ``1M`` (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number = text.strip().upper()
+    scale = units.get(number[-1:], 1)
+    if scale != 1:
+        number = number[:-1]
+    try:
+        return int(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/soak.py",
+        description="SIGKILL writers and the flusher at random under a live load for a "
+        "while, then check that no acknowledged record was lost, duplicated, reordered "
+        "or damaged.  Prints a one-line verdict; exits 0 if it is clean.",
+    )
+    parser.add_argument(
+        "--seconds", type=_positive(float), default=60.0, help="load time (default 60)"
+    )
+    parser.add_argument(
+        "--writers", type=_positive(int), default=4, help="writer processes (default 4)"
+    )
+    parser.add_argument(
+        "--dir",
+        help="directory for the file (default: a new temporary directory under the "
+        "current one, on a file system where O_DIRECT can reach a disk)",
+    )
+    parser.add_argument("--seed", type=int, help="random seed (default: a random one)")
+    parser.add_argument(
+        "--kill-interval",
+        type=_positive(float),
+        default=0.3,
+        help="mean seconds between kills (default 0.3)",
+    )
+    parser.add_argument(
+        "--buffer-size", type=_size, default=16 << 10, help="bytes per buffer (default 16K)"
+    )
+    parser.add_argument("--buffers", type=_positive(int), default=8, help="buffers (default 8)")
+    parser.add_argument("--lanes", type=_positive(int), default=2, help="lanes (default 2)")
+    parser.add_argument(
+        "--batches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let writers use append_many batches as well as append and reserve (default on)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the file afterwards")
+    parser.add_argument("--name", default=f"soak-{os.getpid()}", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the soak; returns 0 if the verdict is clean, 1 if not, 2 on bad usage."""
+    args = _parser().parse_args(argv)
+    if args.seed is None:
+        args.seed = random.SystemRandom().getrandbits(32)
+    made_dir = args.dir is None
+    directory = tempfile.mkdtemp(prefix="shmflush-soak-", dir=os.getcwd()) if made_dir else args.dir
+    path = os.path.join(directory, _LOG_FILE)
+    stop_path = os.path.join(directory, _STOP_FILE)
+    if not made_dir:
+        os.makedirs(directory, exist_ok=True)
+        for existing in (path, stop_path):
+            if os.path.lexists(existing):
+                print(f"{existing} exists; remove it or pick another --dir", file=sys.stderr)
+                return 2
+    print(
+        f"soak: {args.seconds:g} s, {args.writers} writers, a kill every "
+        f"{args.kill_interval:g} s on average, seed {args.seed}, file {path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    soak = _Soak(args, path, stop_path)
+    try:
+        status = _run(soak, args)
+    except KeyboardInterrupt:
+        print("soak: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        soak.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stop_path)
+        if not args.keep:
+            if made_dir:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    return status
+
+
+def _run(soak: _Soak, args: argparse.Namespace) -> int:
+    soak.start()
+    soak.run(args.seconds)
+    seconds = time.monotonic() - soak.began
+    stats = soak.finish()
+    print("soak: reading the file back", file=sys.stderr, flush=True)
+    check = check_file(soak.path, soak.acked, soak.history.__contains__)
+    if check.read_error:
+        soak.errors.append(f"strict read: {check.read_error}")
+    kills = soak.writer_kills + len(soak.flusher_kills)
+    print(
+        f"kills={kills} (writers={soak.writer_kills} flusher={len(soak.flusher_kills)}) "
+        f"appended={soak.appended} in_file={check.in_file} lost={check.lost} "
+        f"duplicated={check.duplicated} out_of_order={check.out_of_order} "
+        f"corrupt={check.corrupt} abandoned={check.abandoned} "
+        f"recovered={stats.recovered if stats else '?'} "
+        f"restarts={stats.flusher_restarts if stats else '?'} seconds={seconds:.1f} "
+        f"unacked_in_file={check.unacked_in_file} errors={len(soak.errors)} "
+        f"seed={args.seed}",
+        flush=True,
+    )
+    print(
+        f"soak: the ring had no live flusher {soak.down_periods} times, for up to "
+        f"{soak.down_max:.1f} s",
+        file=sys.stderr,
+    )
+    soak.explain(check)
+    if check.read_error:
+        # The strict read stops at the first damage; look past it, to tell the
+        # records really lost from those only hidden behind the damage.
+        lenient = check_file(soak.path, soak.acked, soak.history.__contains__, strict=False)
+        print(
+            f"soak: read past the damage (strict=False): in_file={lenient.in_file} "
+            f"lost={lenient.lost} duplicated={lenient.duplicated} "
+            f"out_of_order={lenient.out_of_order} corrupt={lenient.corrupt} "
+            f"{lenient.read_error}",
+            file=sys.stderr,
+        )
+        for example in lenient.examples.get("lost", []):
+            print(f"soak: lost (strict=False): {example}", file=sys.stderr)
+    return 0 if check.ok and not soak.errors else 1
