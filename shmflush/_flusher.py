@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import errno as E
 import fcntl
+import mmap
 import os
 import signal
 import sys
@@ -70,6 +71,7 @@ class Flusher:
         self.can_preallocate = True
         self.allocated = os.fstat(fd).st_size
         self.next_recovery = 0.0
+        self.gaps = _Gaps(self)
         self.next_sweep = 0.0
 
     # -- file ----------------------------------------------------------------
@@ -241,6 +243,11 @@ class Flusher:
             self.retry_at = now + self.retry_pause
             self.retry_pause = min(self.retry_pause * 2, 1.0)
             return
+        for i in done:
+            used = ring.words[ring.used_w[i]]
+            if used:
+                start = ring.words[ring.address_w[i]]
+                self.gaps.written(start, start + _format.segment_size(used))
         # Mark the batch durable before zeroing anything: a flusher restarted after
         # a crash in the middle of the resets must reset these, not rewrite them.
         for i in self.pending:
@@ -371,6 +378,7 @@ class Flusher:
             if now >= self.next_sweep:
                 self.next_sweep = now + 1.0
                 self.recovery.sweep()
+            self.gaps.check(now, closing)
             # A closed fill waits for writers still copying (microseconds): look
             # again soon rather than after a whole interval.
             wait = 0.0002 if incomplete else idle_wait
@@ -422,6 +430,112 @@ def _unlink_if_same(name: str, ring_id: int) -> None:
         current.unmap()
     if same:
         L.unlink_segment(name)
+
+
+class _Gaps:
+    """Keeps the file free of holes.
+
+    A closer killed between taking a file address (fetch-and-add on
+    next_address) and storing it leaves an address range that no fill will ever
+    write: a zero hole that readers would report as damage.  The flusher tracks
+    which ranges it wrote; ``H_WRITTEN_BELOW`` in shared memory is the end of the
+    gap-free prefix.  When that mark stays below a range that no descriptor
+    claims for as long as the recovery timeout, the range is filled with 4 KiB
+    filler segments (one ABANDONED record each): block-sized, so that a real
+    segment that does land there later simply replaces whole fillers.
+    """
+
+    def __init__(self, flusher: Flusher) -> None:
+        self.flusher = flusher
+        self.ring = flusher.ring
+        self.extents: dict[int, int] = {}  # start -> end, above the mark
+        self.stuck_at = -1
+        self.stuck_since = 0.0
+
+    def written(self, start: int, end: int) -> None:
+        ring = self.ring
+        mark = ring.header(L.H_WRITTEN_BELOW)
+        if end <= mark:
+            return
+        self.extents[max(start, mark)] = end
+        while mark in self.extents:
+            mark = max(mark, self.extents.pop(mark))
+        ring.set_header(L.H_WRITTEN_BELOW, mark)
+
+    def rebuild(self, path: bytes) -> None:
+        """After a restart: find the segments a predecessor wrote above the mark."""
+        ring = self.ring
+        mark = ring.header(L.H_WRITTEN_BELOW)
+        end = ring.header(L.H_NEXT_ADDRESS)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            p = mark
+            while p < end:
+                header = _format.parse_segment_header(os.pread(fd, 64, p), p)
+                if isinstance(header, str):
+                    p += _format.BLOCK
+                    continue
+                size = _format.segment_size(header.used)
+                self.written(p, p + size)
+                p += size
+        finally:
+            os.close(fd)
+
+    def check(self, now: float, closing: bool) -> None:
+        ring = self.ring
+        mark = ring.header(L.H_WRITTEN_BELOW)
+        end = ring.header(L.H_NEXT_ADDRESS)
+        if mark >= end:
+            self.stuck_at = -1
+            return
+        if mark != self.stuck_at:
+            self.stuck_at, self.stuck_since = mark, now
+            return
+        if now - self.stuck_since < self.flusher.recovery.timeout and not (
+            closing and self.flusher.all_idle()
+        ):
+            return
+        # The hole runs up to the next range that is written or still owned by a
+        # fill (an extent stored in a descriptor that is not yet reset).
+        limit = min([end, *(s for s in self.extents if s > mark)])
+        for i in range(ring.geometry.buffers):
+            st = ring.state(i)
+            if st & L.IDLE or ring.words[ring.extent_of_w[i]] != ring.words[ring.fill_w[i]]:
+                continue
+            start = ring.words[ring.address_w[i]]
+            if start >= mark and ring.words[ring.used_w[i]]:
+                limit = min(limit, start)
+        if limit <= mark:
+            return
+        try:
+            self.fill(mark, limit)
+        except OSError:
+            return  # the disk error path reports it; try again later
+        self.written(mark, limit)
+        ring.header_add(L.H_RECOVERED, 1)
+
+    def fill(self, start: int, end: int) -> None:
+        block = mmap.mmap(-1, _format.BLOCK)
+        view = memoryview(block)
+        try:
+            used = _format.BLOCK - _format.SEGMENT_HEADER_SIZE
+            _format.pack_record_header(
+                view,
+                _format.SEGMENT_HEADER_SIZE,
+                used - _format.RECORD_HEADER_SIZE,
+                _format.KIND_ABANDONED,
+            )
+            for at in range(start, end, _format.BLOCK):
+                _format.write_segment_header(view, 0, used=used, seq=0, address=at)
+                os.pwrite(self.flusher.fd, view, at)
+            if self.flusher.sync_data:
+                os.fdatasync(self.flusher.fd)
+        finally:
+            view.release()
+            block.close()
 
 
 def _open_for_restart(ring: Ring) -> int | None:
@@ -476,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             ring.set_status(L.STATUS_BROKEN | L.STATUS_FLUSHER_DONE)
             return 1
         flusher.resume()
+        if args.restart:
+            flusher.gaps.rebuild(L.read_path(ring.view))
         status = flusher.run()
         if ring.status() & L.STATUS_BROKEN and not _proc.is_alive(
             ring.header(L.H_OWNER_PID), ring.header(L.H_OWNER_START)

@@ -21,6 +21,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       280   direct_io     288 buffers flushed 296 bytes written 304 syncs
       312   recovered (stuck fills recovered)   320 flusher restarts
       328   last flusher restart attempt (CLOCK_MONOTONIC ns)
+      336   written below: the file is written up to here without a gap
       512   file path, UTF-8, NUL-padded (up to 3584 bytes): lets any process
             restart the flusher on the same file
     4096                         64 * lanes      lane table: +0 lane word (below)
@@ -139,6 +140,7 @@ H_SYNCS: Final = 304
 H_RECOVERED: Final = 312
 H_RESTARTS: Final = 320
 H_RESTART_AT: Final = 328  # CLOCK_MONOTONIC ns of the last restart attempt
+H_WRITTEN_BELOW: Final = 336  # every file byte below this was written (see _flusher)
 H_PATH: Final = 512
 HEADER_SIZE: Final = 4096
 MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
@@ -386,6 +388,7 @@ def init_header(
         words[H_RING_ID // 8] = int.from_bytes(os.urandom(8), "little")
         words[H_NEXT_ADDRESS // 8] = next_address
         words[H_NEXT_SEQ // 8] = next_seq
+        words[H_WRITTEN_BELOW // 8] = next_address
         # Fill numbers start at 1, so fill 0 (the lanes' initial value) is never open.
         words[H_FILL_COUNTER // 8] = 1
         for i in range(geometry.buffers):

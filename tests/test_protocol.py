@@ -375,3 +375,27 @@ def test_sweep_frees_dead_slots_whose_intent_no_longer_matters(bare: Bare) -> No
     Recovery(core).sweep()
     for k in stale:
         assert core.words[(g.lease(k) + L.L_PID) // 8] == 0, f"slot {k} still taken"
+
+
+def test_address_taken_by_a_dead_closer_is_filled_not_left_as_a_hole(bare: Bare) -> None:
+    # A closer killed between taking a file address and storing it: nobody will
+    # write that range.  The flusher fills it, so the file reads strictly.
+    from shmflush import _atomic
+
+    core = bare.core
+    bare.ring.append(b"first")
+    core.seal(core.words[core.lane_w[0]] & L.LANE_INDEX_MASK)
+    bare.flush()
+    _atomic.fetch_add(core.base + L.H_NEXT_ADDRESS, 16384, 5)  # the lost allocation
+    bare.ring.append(b"second")
+    core.seal(core.words[core.lane_w[0]] & L.LANE_INDEX_MASK)
+    bare.flush()
+    with pytest.raises(shmflush.CorruptFileError):
+        list(shmflush.read(bare.path))
+    gaps = bare.flusher.gaps
+    gaps.check(100.0, closing=False)  # notices the mark is stuck
+    gaps.check(200.0, closing=False)  # still stuck after the recovery timeout: fill
+    assert core.header(L.H_WRITTEN_BELOW) == core.header(L.H_NEXT_ADDRESS)
+    reader = shmflush.read(bare.path)
+    assert list(reader) == [b"first", b"second"]
+    assert reader.abandoned == 4  # four 4 KiB fillers
