@@ -304,8 +304,17 @@ class Ring:
         each writer adds at most once to an over-full open fill, which is what the
         overshoot bound counts on.  The crossing writer still closes the fill.
         """
-        if not old & L.SEALED:
-            _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
+        if old & L.SEALED:
+            return
+        # Compare-and-swap, not fetch_or: by now the fill may have been closed,
+        # flushed and its buffer reopened for a new fill, which must not be sealed
+        # (nobody would close it).  Seal only while it is still over-full.
+        addr = self.state_addr[i]
+        st = int(_load(addr, SEQ_CST))
+        while not st & L.SEALED and st >> L.OFFSET_SHIFT > self.capacity:
+            ok, st = _cas(addr, st, st | L.SEALED)
+            if ok:
+                return
 
     def seal(self, i: int) -> bool:
         """Seal buffer *i*'s open fill (time-based seal, sync, close, large claims).

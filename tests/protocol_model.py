@@ -1,0 +1,1268 @@
+"""An explicit-state model of the ring protocol, explored over every interleaving.
+
+What is modelled
+----------------
+The writers' side of shmflush/_api.py (``Ring.append``'s fast path, ``_claim``,
+``_claim_failed``), shmflush/_ring.py (``close_crossing``, ``_close_fill``,
+``reject``, ``seal``, ``advance``, ``wait_for_space``, ``rotate`` with its
+``INTENT_ROTATING`` marker, ``fill_done``, ``_reserve``, ``_unreserve``,
+``_open``), the flusher's side of shmflush/_flusher.py (``seal_due``,
+``take_ready``, ``flush_pending``, ``write_fill``'s extent check, ``reset``,
+``all_idle``) and the owner's ``close()``.  Every atomic operation and every plain
+load or store of a shared word in that code is one transition (but see
+"Reductions"), computed with the real constants and helpers of
+shmflush/_layout.py (``SEALED`` ... ``RESERVED``, ``OFFSET_SHIFT``,
+``claim_delta``, ``lane_word``, ``LANE_INDEX_MASK``, ``LANE_FILL_SHIFT``,
+``INTENT_ROTATING``) and ``_format.segment_size``.  The state is a hashable tuple:
+
+* the shared words: per buffer the state word and ``D_FILL``, ``D_USED``,
+  ``D_ADDRESS``, ``D_SEQ``, ``D_BASE``; the lane words; ``next_address``,
+  ``next_seq``, ``fill_counter``, ``status``; per lease slot the intent and the
+  commit counters;
+* the bytes, abstractly: per buffer the ranges its claims occupy, as cells
+  ``(offset, size, kind, writer, record, fill)`` with kind CLAIMED (zeros),
+  PAYLOAD (payload, no header yet), DATA or ABANDONED; the file as a sorted tuple
+  of segments ``(address, size, seq, fill, records)``;
+* ghosts, which no real code reads: per buffer the extent its current fill was
+  closed with, and whether that fill was written;
+* each actor's program counter and the locals it still needs (dead locals are
+  cleared, so equal situations are one state).
+
+Writer w holds lease slot w and uses lane ``w % lanes``; it appends its records
+one after another.  The flusher picks its next operation freely: seal any open
+non-empty fill (time-based seal: time is abstracted away), take any ready fill,
+flush what it took, check ``all_idle`` once the owner is closing; a superset of
+its real pass order.  The owner closes (sets CLOSING) once every writer is done,
+or at any moment with ``close_race``.  A run *finishes* when the flusher has
+drained and stopped and every writer is done.
+
+Not modelled: semaphores and sleeps (every wait has a timeout, so a wait is a
+retry), ``H_WAITERS``, heartbeats, I/O errors and ``STATUS_BROKEN``, the
+flusher's or the owner's death and the flusher restart (``resume``, and the
+``D_DURABLE`` / ``D_EXTENT_OF`` words, which only a restarted flusher or recovery
+reads), dead-writer recovery (shmflush/_recovery.py: it never touches a live
+lease, so it does nothing in runs without deaths; ``Config.recovery`` is the
+switch for modelling it, see ``Model._recovery_tags``), ``sync()`` (and its
+``INTENT_SEALING``), ``claim_large`` (every modelled claim is below
+``faa_limit``), batches (``append_many``/``append_array`` claim a larger size and
+commit once: the same transitions), ``reserve()``, lease acquisition, fdatasync
+(a write is durable at once), the write thread pool (each fill has its own
+address, so the order of writes does not matter), payload bytes (a record is
+named by (writer, index)) and CRCs.  Fill numbers are bounded
+(``Config.max_fills``): a rotation that would take a larger one is cut off and
+counted as *pruned*; the progress verdicts treat a pruned state as one that may
+finish.
+
+Reductions (``Config.reduce``, on by default)
+----------------------------------------------
+Steps that commute with every step of every other actor are run together with
+the step before them; test_model checks on small configurations that the full
+model (one step per access) reaches the same final files and verdicts.
+
+* A fetch-and-add on a *sealed* state word leaves the model's word alone, and a
+  sealed word's offset is kept at 0: every reader of a sealed word looks only at
+  its flags, and a CAS that fails only because a claim moved the offset retries.
+* A load followed by a CAS of the same word in a retry loop (``_reserve``,
+  ``_unreserve``, ``_open``, ``reset``; seal_due's load before ``seal``'s
+  fetch-or) is one step: a failed CAS leads to what a later load would have.
+* Plain stores nobody reads in the modelled runs (intents, without deaths; the
+  extent stores before CLOSED; the base), the record's payload and header
+  stores (without deaths), reads of ``status`` while nobody can change it (no
+  close race), and the fill counter's fetch-and-add (it only renames fills).
+* take_ready's CAS, the write and the reset's zeroing are one step with the
+  reset's CAS, done once the fill is ready: writers cannot tell FLUSHING from
+  SEALED|CLOSED, the base and the file are the flusher's alone, and a ready
+  fill stays ready (its commit counters cannot pass ``used``).  Its reads of
+  ``used``, the counters and the base are one snapshot: the counters only grow
+  and never pass ``used``, so a snapshot that says "ready" is right.
+
+Invariants (design notes, section 4), and where they are checked
+------------------------------------------------------------------
+* I1 at every successful claim: its range lies in [0, capacity) of one buffer and
+  overlaps no other live claim there.
+* I2 when the flusher takes a fill and when it writes it: SEALED|CLOSED, and the
+  claims tile [0, used) with complete (DATA or ABANDONED) records.
+* I3 at every close and write: one close per fill, a 4 KiB-aligned address that
+  was handed out, the flusher writes the extent the closer stored, segments never
+  overlap; at the end, the segments tile [0, next_address) (no holes).
+* I4 at every reset and reservation: a fill is reset only after it was written
+  (or was empty), a reserved or reopened buffer holds nothing, and writers never
+  write into a taken, idle or reserved buffer.
+* I6 at every claim and record write: a claim whose fill check passes lies in the
+  fill its lane word named, and the lane still names it; a stale claim is
+  abandoned; a buffer opens only while its lane names its fill.
+* I7 in every state: each record whose append returned is exactly once either in
+  the file or in a DATA cell of a fill not yet written; no record is anywhere
+  twice.  At the end: it is in the file, once.  (I5: the end is the owner's
+  close(), which also requires every buffer IDLE.)
+* I8 at every write and at the end: one writer's records are in the file in
+  append order, by (address, offset).
+* Progress, over the whole state graph: the states from which no finished run
+  (nor a pruned state) can be reached are *stalled*.  Without deaths there must
+  be none.
+* The overshoot bound of _ring: an open fill's offset stays at most
+  ``capacity + writers * faa_limit``.
+
+``MUTANTS`` lists deliberate defects (``Config.mutant``) that the invariants
+must catch; test_model checks that they do.
+
+Writer deaths (SIGKILL, ``Config.deaths``): a writer may stop for good before
+any of its steps.  Safety is checked as above; progress is only recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmflush import _format
+from shmflush import _layout as L
+from shmflush._api import _FILL_TAG
+from shmflush._ring import MOVED, NO_SPACE, NOT_DONE
+
+SEALED = L.SEALED
+FLUSHING = L.FLUSHING
+CLOSED = L.CLOSED
+IDLE = L.IDLE
+RESERVED = L.RESERVED
+READY = SEALED | CLOSED  # _flusher._READY
+SHIFT = L.OFFSET_SHIFT
+MASK64 = L.WORD_MASK
+STOPPED = L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE  # what rotate()/check_status() test
+
+# Cell kinds.
+CLAIMED, PAYLOAD, DATA, ABANDONED = range(4)
+KIND_NAMES = ("CLAIMED", "PAYLOAD", "DATA", "ABANDONED")
+
+# Fields of the state tuple.
+(
+    ST,  # state word per buffer
+    FILLW,  # D_FILL per buffer
+    USED,  # D_USED per buffer
+    ADDR,  # D_ADDRESS per buffer
+    SEQ,  # D_SEQ per buffer
+    BASE,  # D_BASE per buffer
+    LANES,  # lane words
+    NEXT_ADDR,  # H_NEXT_ADDRESS
+    NEXT_SEQ,  # H_NEXT_SEQ
+    FILL_CTR,  # H_FILL_COUNTER
+    STATUS,  # H_STATUS
+    INTENT,  # L_INTENT per lease slot
+    COMMITS,  # commit counters [slot][buffer]
+    CELLS,  # records per buffer (abstract bytes)
+    FILE,  # segments written (abstract file)
+    GCLOSE,  # ghost: (fill, address, used, seq) of the buffer's closed fill, or None
+    GWRITTEN,  # ghost: the buffer's current fill was written
+    WRITERS,  # writer frames
+    FLUSHER,  # flusher frame
+    OWNER,  # owner pc
+    DEATHS,  # writers killed so far
+) = range(21)
+
+FIELD_NAMES = (
+    "state",
+    "fill",
+    "used",
+    "address",
+    "seq",
+    "base",
+    "lanes",
+    "next_address",
+    "next_seq",
+    "fill_counter",
+    "status",
+    "intent",
+    "commits",
+    "cells",
+    "file",
+    "gclose",
+    "gwritten",
+)
+
+FINISHED = frozenset({"done", "raised", "dead"})
+
+State = tuple[Any, ...]
+Tag = tuple[Any, ...]
+
+
+class InvariantError(Exception):
+    def __init__(self, invariant: str, message: str) -> None:
+        super().__init__(f"{invariant}: {message}")
+        self.invariant = invariant
+        self.message = message
+        self.trace: list[str] = []
+
+    def __str__(self) -> str:
+        text = f"{self.invariant}: {self.message}"
+        if self.trace:
+            text += "\ntrace:\n  " + "\n  ".join(self.trace)
+        return text
+
+
+class PrunedError(Exception):
+    """A transition beyond the model's bound on fill numbers."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    #: per writer, the sizes of its records in bytes (8 + align8(n): 8, 16, 24, ...)
+    records: tuple[tuple[int, ...], ...]
+    buffers: int = 2
+    lanes: int = 1
+    #: bytes of the record area per buffer (``Geometry.capacity``)
+    capacity: int = 32
+    #: how many writers may be killed (SIGKILL) at any step
+    deaths: int = 0
+    #: which writers may be killed (default: all)
+    mortal: tuple[int, ...] | None = None
+    #: the owner may close while writers are still appending
+    close_race: bool = False
+    #: the flusher's time-based seal (seal_due) may seal any open non-empty fill
+    timed_seal: bool = True
+    #: fill numbers above this are cut off (the transition is pruned)
+    max_fills: int = 8
+    #: dead-writer recovery in the flusher (not implemented yet: see Model)
+    recovery: bool = False
+    #: model the *proposed* fix of Ring.reject instead of the current code
+    reject_fix: bool = True  # the code's reject (compare-and-swap); False: the old fetch_or
+    #: partial-order reductions (see the module docstring); False: one step per access
+    reduce: bool = True
+    #: a deliberate defect, to show that the invariants catch it (see MUTANTS)
+    mutant: str = ""
+
+
+#: Defects of the seed's Rust crate (design notes, section 3), and others, that
+#: Config.mutant injects; the invariant that must catch each.
+MUTANTS = {
+    "no-fill-check": "I6",  # claims in a recycled buffer are kept, not abandoned
+    "take-unclosed": "I2",  # the flusher takes a sealed fill before its closer is done
+    "take-uncommitted": "I2",  # the flusher takes a fill with writers still copying
+    "unpadded": "I3",  # addresses advance by unpadded sizes
+    "drop-crossing": "I7",  # the crossing claim's record is reported, not retried
+    "no-zero": "I7",  # a buffer is reused without zeroing: stale records read as live
+    "no-recheck": "I5",  # rotate() does not re-check CLOSING after reserving
+}
+
+
+def fmt_word(word: int) -> str:
+    flags = [
+        n
+        for n, b in (("S", SEALED), ("F", FLUSHING), ("C", CLOSED), ("I", IDLE), ("R", RESERVED))
+        if word & b
+    ]
+    return f"{word >> SHIFT}{'|' if flags else ''}{''.join(flags)}"
+
+
+def fmt_lane(word: int) -> str:
+    return f"(fill {word >> L.LANE_FILL_SHIFT}, b{word & L.LANE_INDEX_MASK})"
+
+
+def _put(t: tuple[Any, ...], i: int, v: Any) -> tuple[Any, ...]:
+    return (*t[:i], v, *t[i + 1 :])
+
+
+def _tiling_error(cells: tuple[Any, ...], used: int) -> str | None:
+    """Why *cells* are not complete records tiling [0, used) exactly, or None."""
+    pos = 0
+    for off, size, kind, w, rec, _fill in cells:
+        if off != pos:
+            return f"bytes [{pos}, {off}) hold no claim" if off > pos else f"overlap at {off}"
+        if kind not in (DATA, ABANDONED):
+            return f"record W{w}#{rec} at offset {off} is {KIND_NAMES[kind]} (not committed)"
+        pos += size
+    if pos != used:
+        return f"claims cover [0, {pos}) but used is {used}"
+    return None
+
+
+class Model:
+    def __init__(self, cfg: Config) -> None:
+        if not 1 <= cfg.lanes < cfg.buffers:
+            raise ValueError("lanes must be between 1 and buffers - 1")
+        self.cfg = cfg
+        self.nw = len(cfg.records)
+        self.nb = cfg.buffers
+        self.cap = cfg.capacity
+        self.lane_of = tuple(w % cfg.lanes for w in range(self.nw))
+        # _ring.Ring.faa_limit with max_writers = number of writers.
+        self.faa_limit = min(cfg.capacity, ((1 << 32) - 1 - cfg.capacity) // self.nw)
+        for recs in cfg.records:
+            for size in recs:
+                if size % 8 or not 8 <= size <= min(self.cap, self.faa_limit):
+                    raise ValueError(f"record size {size} is not a fetch-and-add claim")
+        self.mortal = frozenset(range(self.nw) if cfg.mortal is None else cfg.mortal)
+        # Steps that commute with every step of every other actor: executed at once,
+        # as part of the step before them (see "Reductions" in the module docstring).
+        quiet_w: set[str] = set()
+        quiet_f: set[str] = set()
+        if cfg.reduce:
+            quiet_f |= {"s_or", "close.cf_store", "t_base_store", "w_write", "x_zero", "x_load"}
+            quiet_w |= {"rot.o_load", "rot.u_load", "rot.r_cas", "rot.r_fc"}
+            if self.nb == 2:
+                quiet_w.add("rot.r_lanes")  # two buffers: the candidate order is fixed
+            if not cfg.close_race:
+                quiet_w |= {"status", "adv_status", "rot.r_status", "rot.r_status2"}
+            if not cfg.deaths and not cfg.recovery:
+                quiet_w |= {"intent", "fclear", "aiclear", "payload", "header", "iclear"}
+                quiet_w |= {"rot.r_intent", "rot.r_iclr"}
+                quiet_w.add("close.cf_store")
+        self.quiet_w = frozenset(quiet_w)
+        self.quiet_f = frozenset(quiet_f)
+        # check_state's I7 verdicts, by (file, cells, written, returned counts)
+        self._records_ok: set[tuple[Any, ...]] = set()
+
+    # -- states ---------------------------------------------------------------------
+
+    def initial(self) -> State:
+        nb, nw = self.nb, self.nw
+        zeros = (0,) * nb
+        writers = tuple(("status" if recs else "done", 0, 0, 0, None) for recs in self.cfg.records)
+        return (
+            (IDLE | SEALED,) * nb,  # init_header: every buffer IDLE|SEALED
+            zeros,
+            zeros,
+            zeros,
+            zeros,
+            zeros,
+            tuple(L.lane_word(0, k) for k in range(self.cfg.lanes)),
+            0,
+            0,
+            1,  # fill numbers start at 1
+            0,
+            (0,) * nw,
+            (zeros,) * nw,
+            ((),) * nb,
+            (),
+            (None,) * nb,
+            (False,) * nb,
+            writers,
+            ("f_idle", 0, 0, 0, 0, 0, (), None),
+            "o_run",
+            0,
+        )
+
+    def is_final(self, s: State) -> bool:
+        return (
+            s[FLUSHER][0] == "f_done"
+            and s[OWNER] == "o_wait"
+            and all(f[0] in FINISHED for f in s[WRITERS])
+        )
+
+    def returned(self, s: State, w: int) -> int:
+        """How many of writer w's appends have returned."""
+        return int(s[WRITERS][w][1])
+
+    # -- transitions ----------------------------------------------------------------
+
+    def tags(self, s: State) -> Iterator[Tag]:
+        writers = s[WRITERS]
+        for w, frame in enumerate(writers):
+            if frame[0] not in FINISHED:
+                yield ("W", w)
+        if s[DEATHS] < self.cfg.deaths:
+            for w, frame in enumerate(writers):
+                if frame[0] not in FINISHED and w in self.mortal:
+                    yield ("D", w)
+        if s[OWNER] == "o_run" and (self.cfg.close_race or all(f[0] in FINISHED for f in writers)):
+            yield ("O",)
+        fl = s[FLUSHER]
+        if fl[0] == "f_idle":
+            closing = s[STATUS] & L.STATUS_CLOSING
+            states = s[ST]
+            for i, st in enumerate(states):
+                # seal_due: an open fill, non-empty unless the owner is closing.
+                if not st & SEALED and (closing or (st >> SHIFT and self.cfg.timed_seal)):
+                    yield ("F", "seal", i)
+                # take_ready
+                ready = READY if self.cfg.mutant != "take-unclosed" else SEALED
+                if st & (ready | FLUSHING | IDLE | RESERVED) == ready:
+                    if not self.cfg.reduce:
+                        yield ("F", "take", i)
+                    elif (
+                        self._committed(s, i) == s[USED][i] or self.cfg.mutant == "take-uncommitted"
+                    ):
+                        yield ("F", "flush", i)  # take, write and reset in one step
+            if fl[6]:
+                yield ("F", "flush")
+            elif closing and states[0] & IDLE:
+                yield ("F", "all_idle")
+            if self.cfg.recovery:
+                yield from self._recovery_tags(s)
+        elif fl[0] != "f_done":
+            yield ("F",)
+
+    def _committed(self, s: State, i: int) -> int:
+        """Ring.committed(i)."""
+        total = sum(int(c[i]) for c in s[COMMITS])
+        return (total - int(s[BASE][i])) & MASK64
+
+    @staticmethod
+    def _wpc(frame: tuple[Any, ...]) -> str:
+        pc, sub = frame[0], frame[4]
+        if pc == "rot":
+            return f"rot.{sub[1]}"
+        if pc == "close":
+            return f"close.{sub[0]}"
+        return str(pc)
+
+    @staticmethod
+    def _fpc(frame: tuple[Any, ...]) -> str:
+        return f"close.{frame[7][0]}" if frame[0] == "close" else str(frame[0])
+
+    def apply(self, s: State, tag: Tag) -> State:
+        m = list(s)
+        kind = tag[0]
+        if kind == "W":
+            w = tag[1]
+            self._writer(m, w)
+            while self._wpc(m[WRITERS][w]) in self.quiet_w:
+                self._writer(m, w)
+        elif kind == "D":
+            w = tag[1]
+            rec = m[WRITERS][w][1]
+            m[WRITERS] = _put(m[WRITERS], w, ("dead", rec, 0, 0, None))
+            m[DEATHS] += 1
+        elif kind == "O":
+            m[STATUS] |= L.STATUS_CLOSING  # Ring._shutdown: set_status(CLOSING)
+            m[OWNER] = "o_wait"
+        else:
+            self._flusher(m, tag)
+            while self._fpc(m[FLUSHER]) in self.quiet_f:
+                self._flusher(m, ("F",))
+        return tuple(m)
+
+    # -- helpers on a mutable state ---------------------------------------------------
+
+    @staticmethod
+    def _set(m: list[Any], fld: int, i: int, v: Any) -> None:
+        m[fld] = _put(m[fld], i, v)
+
+    def _store(self, m: list[Any], i: int, word: int) -> None:
+        """Write buffer i's state word.  Reduced: a sealed word's offset is dead (every
+        reader of a sealed word looks at its flags only; a CAS that fails because a
+        claim moved only the offset just retries), so it is kept at 0."""
+        if word & SEALED and self.cfg.reduce:
+            word &= L.FLAG_MASK
+        m[ST] = _put(m[ST], i, word)
+
+    def _find_cell(self, m: list[Any], i: int, off: int, w: int, rec: int) -> tuple[Any, ...]:
+        for cell in m[CELLS][i]:
+            if cell[0] == off and cell[3] == w and cell[4] == rec:
+                return tuple(cell)
+        raise InvariantError(
+            "I4/I6",
+            f"W{w} writes record #{rec} at b{i}+{off}, but its claim is no longer in the "
+            f"buffer (state {fmt_word(m[ST][i])}): the buffer was recycled under it",
+        )
+
+    def _replace_cell(self, m: list[Any], i: int, cell: tuple[Any, ...], kind: int) -> None:
+        st = m[ST][i]
+        if st & (FLUSHING | IDLE | RESERVED):
+            raise InvariantError(
+                "I2/I4", f"W{cell[3]} writes into b{i} while it is {fmt_word(st)} (not its fill)"
+            )
+        cells = m[CELLS][i]
+        k = cells.index(cell)
+        self._set(m, CELLS, i, _put(cells, k, (*cell[:2], kind, *cell[3:])))
+
+    def _add_cell(self, m: list[Any], i: int, cell: tuple[Any, ...]) -> None:
+        off, size = cell[0], cell[1]
+        if off < 0 or off + size > self.cap:
+            raise InvariantError("I1", f"claim [{off}, {off + size}) outside b{i}'s record area")
+        for other in m[CELLS][i]:
+            if off < other[0] + other[1] and other[0] < off + size:
+                raise InvariantError(
+                    "I1",
+                    f"claim [{off}, {off + size}) of W{cell[3]}#{cell[4]} overlaps "
+                    f"[{other[0]}, {other[0] + other[1]}) of W{other[3]}#{other[4]} in b{i}",
+                )
+        self._set(m, CELLS, i, tuple(sorted((*m[CELLS][i], cell))))
+
+    # -- writer -----------------------------------------------------------------------
+
+    def _writer(self, m: list[Any], w: int) -> None:
+        pc, rec, lw, old, sub = m[WRITERS][w]
+        size = self.cfg.records[w][rec]
+        lane = self.lane_of[w]
+        i = lw & L.LANE_INDEX_MASK
+        fill = lw >> L.LANE_FILL_SHIFT
+        frame: tuple[Any, ...]
+        # Ring.append's fast path and _claim's loop do the same steps; _claim checks
+        # status at the top of each try, the fast path checks `not words[status]`.
+        if pc == "status":
+            frame = ("raised" if m[STATUS] else "lane", rec, 0, 0, None)
+        elif pc == "lane":
+            frame = ("intent", rec, m[LANES][lane], 0, None)
+        elif pc == "intent":
+            self._set(m, INTENT, w, ((fill & _FILL_TAG) << 32) | size)
+            frame = ("faa", rec, lw, 0, None)
+        elif pc == "faa":
+            old = m[ST][i]
+            if not (old & SEALED and self.cfg.reduce):
+                self._store(m, i, (old + L.claim_delta(size)) & MASK64)
+            off = old >> SHIFT
+            if not old & SEALED and off + size <= self.cap:
+                self._add_cell(m, i, (off, size, CLAIMED, w, rec, m[FILLW][i]))
+                if m[FILLW][i] == fill and m[LANES][lane] != lw:
+                    raise InvariantError(
+                        "I6", f"W{w} claimed in fill {fill}, which its lane no longer names"
+                    )
+                frame = ("fillchk", rec, lw, old, None)
+            else:
+                frame = ("fclear", rec, lw, old, None)
+        elif pc == "fillchk":
+            ok = m[FILLW][i] == fill or self.cfg.mutant == "no-fill-check"
+            frame = ("payload" if ok else "abandon", rec, lw, old, None)
+        elif pc in ("payload", "header"):
+            cell = self._find_cell(m, i, old >> SHIFT, w, rec)
+            if cell[5] != fill:
+                raise InvariantError(
+                    "I6",
+                    f"W{w} writes record #{rec} into fill {cell[5]}, but its lane named "
+                    f"fill {fill}",
+                )
+            if pc == "payload":
+                self._replace_cell(m, i, cell, PAYLOAD)
+                frame = ("header", rec, lw, old, None)
+            else:
+                self._replace_cell(m, i, cell, DATA)  # header last
+                frame = ("commit", rec, lw, old, None)
+        elif pc in ("commit", "acommit"):
+            self._set(m, COMMITS, w, _put(m[COMMITS][w], i, m[COMMITS][w][i] + size))
+            frame = ("iclear" if pc == "commit" else "aiclear", rec, lw, old, None)
+        elif pc == "iclear":
+            self._set(m, INTENT, w, 0)
+            rec += 1  # append() returns
+            frame = ("done" if rec == len(self.cfg.records[w]) else "status", rec, 0, 0, None)
+        elif pc == "abandon":
+            cell = self._find_cell(m, i, old >> SHIFT, w, rec)
+            if cell[5] == fill:
+                raise InvariantError("I6", f"W{w} abandons a claim in its own lane's fill {fill}")
+            self._replace_cell(m, i, cell, ABANDONED)
+            frame = ("acommit", rec, lw, old, None)
+        elif pc == "aiclear":
+            self._set(m, INTENT, w, 0)
+            frame = ("rot", rec, lw, 0, self._rotate_start("abandon"))
+        elif pc == "fclear":
+            self._set(m, INTENT, w, 0)
+            off = old >> SHIFT
+            if not old & SEALED and off <= self.cap:
+                frame = ("cc_seal", rec, lw, old, None)  # close_crossing
+            elif not old & SEALED:
+                frame = ("reject", rec, lw, 0, None)
+            else:
+                frame = ("adv_status", rec, lw, 0, None)  # reject() does nothing
+        elif pc == "cc_seal":
+            self._store(m, i, m[ST][i] | SEALED)
+            frame = ("close", rec, lw, 0, self._close_start(old >> SHIFT))
+        elif pc == "close":
+            sub = self._close_step(m, i, sub)
+            frame = ("adv_status" if sub is None else "close", rec, lw, 0, sub)
+            if sub is None and self.cfg.mutant == "drop-crossing":  # "returns"
+                rec += 1
+                frame = ("done" if rec == len(self.cfg.records[w]) else "status", rec, 0, 0, None)
+        elif pc == "reject":
+            st = m[ST][i]
+            if not self.cfg.reject_fix:
+                self._store(m, i, st | SEALED)  # Ring.reject: fetch_or(SEALED)
+            elif not st & SEALED and st >> SHIFT > self.cap:
+                self._store(m, i, st | SEALED)  # proposed: CAS, only while over-full
+            frame = ("adv_status", rec, lw, 0, None)
+        elif pc == "adv_status":  # Ring.advance: check_status
+            frame = ("raised" if m[STATUS] & STOPPED else "adv_lane", rec, lw, 0, None)
+        elif pc == "adv_lane":
+            if m[LANES][lane] != lw:
+                frame = ("status", rec, 0, 0, None)
+            else:
+                frame = ("rot", rec, lw, 0, self._rotate_start("advance"))
+        elif pc == "adv_nd":
+            if not m[ST][i] & SEALED:
+                frame = ("status", rec, 0, 0, None)  # "the fill is open again"
+            else:
+                frame = ("adv_status", rec, lw, 0, None)  # sleep, loop
+        elif pc == "rot":
+            caller = sub[0]
+            result, sub = self._rotate_step(m, w, lane, lw, sub)
+            if sub is not None:
+                frame = ("rot", rec, lw, 0, sub)
+            elif caller == "abandon":
+                frame = ("status", rec, 0, 0, None)  # back to _claim's loop
+            elif caller == "advance":
+                if result == MOVED:
+                    frame = ("status", rec, 0, 0, None)
+                elif result == NOT_DONE:
+                    frame = ("adv_nd", rec, lw, 0, None)
+                else:  # NO_SPACE: wait_for_space rotates once more, then waits
+                    frame = ("rot", rec, lw, 0, self._rotate_start("wait_for_space"))
+            else:  # wait_for_space returns (or times out): advance loops
+                frame = ("adv_status", rec, lw, 0, None)
+        else:
+            raise AssertionError(f"writer pc {pc!r}")
+        m[WRITERS] = _put(m[WRITERS], w, frame)
+
+    # -- rotate (Ring.rotate with fill_done, _reserve, _unreserve, _open) -------------------
+
+    @staticmethod
+    def _rotate_start(caller: str) -> tuple[Any, ...]:
+        # (caller, pc, j, candidates, index, st, fill, result)
+        return (caller, "r_status", 0, (), 0, 0, 0, 0)
+
+    def _rotate_step(  # noqa: PLR0911  (one return per way out of the state machine)
+        self, m: list[Any], w: int, lane: int, lw: int, sub: tuple[Any, ...]
+    ) -> tuple[int, tuple[Any, ...] | None]:
+        caller, pc, j, cands, idx, rst, rfill, result = sub
+        i = lw & L.LANE_INDEX_MASK
+        fill = lw >> L.LANE_FILL_SHIFT
+        if pc == "r_status":
+            if m[STATUS] & STOPPED:
+                return NO_SPACE, None
+            return 0, (caller, "r_st", 0, (), 0, 0, 0, 0)
+        if pc == "r_st":  # fill_done: state first (only its CLOSED and IDLE bits are used)
+            return 0, (caller, "r_fill", 0, (), 0, m[ST][i] & (CLOSED | IDLE), 0, 0)
+        if pc == "r_fill":  # ... then the fill number
+            if m[FILLW][i] == fill and not rst & (CLOSED | IDLE):
+                return NOT_DONE, None
+            return 0, (caller, "r_intent", 0, (), 0, 0, 0, 0)
+        if pc == "r_intent":  # rotate(): the lease says "rotating" around _rotate()
+            self._set(m, INTENT, w, L.INTENT_ROTATING)
+            return 0, (caller, "r_lanes", 0, (), 0, 0, 0, 0)
+        if pc == "r_iclr":  # ... and is cleared when _rotate() returns (finally)
+            self._set(m, INTENT, w, 0)
+            return result, None
+        if pc == "r_lanes":  # _reserve: candidate order
+            pointed = {x & L.LANE_INDEX_MASK for x in m[LANES]}
+            rest = [k for k in range(self.nb) if k != i]
+            order = (i, *[k for k in rest if k not in pointed], *[k for k in rest if k in pointed])
+            return 0, (caller, "r_cand", 0, order, 0, 0, 0, 0)
+        if pc == "r_cand":
+            if idx >= len(cands):
+                return 0, (caller, "r_iclr", 0, (), 0, 0, 0, NO_SPACE)
+            j = cands[idx]
+            st = m[ST][j]
+            if st & IDLE:
+                return 0, (caller, "r_cas", j, cands, idx, st, 0, 0)
+            return 0, (caller, "r_cand", 0, cands, idx + 1, 0, 0, 0)
+        if pc == "r_cas":
+            cur = m[ST][j]
+            if cur == rst:
+                if m[CELLS][j]:
+                    raise InvariantError("I4", f"b{j} reserved while it still holds records")
+                self._store(m, j, (rst & ~IDLE) | RESERVED)
+                return 0, (caller, "r_status2", j, (), 0, 0, 0, 0)
+            if cur & IDLE:
+                return 0, (caller, "r_cas", j, cands, idx, cur, 0, 0)
+            return 0, (caller, "r_cand", 0, cands, idx + 1, 0, 0, 0)
+        if pc == "r_status2":  # re-checked after reserving
+            if m[STATUS] & STOPPED and self.cfg.mutant != "no-recheck":
+                return 0, (caller, "u_load", j, (), 0, 0, 0, NO_SPACE)
+            return 0, (caller, "r_fc", j, (), 0, 0, 0, 0)
+        if pc == "r_fc":
+            rfill = m[FILL_CTR]
+            if rfill > self.cfg.max_fills:
+                raise PrunedError
+            m[FILL_CTR] = rfill + 1
+            return 0, (caller, "r_store", j, (), 0, 0, rfill, 0)
+        if pc == "r_store":
+            self._set(m, FILLW, j, rfill)
+            return 0, (caller, "r_lcas", j, (), 0, 0, rfill, 0)
+        if pc == "r_lcas":
+            if m[LANES][lane] == lw:
+                self._set(m, LANES, lane, L.lane_word(rfill, j))
+                return 0, (caller, "o_load", j, (), 0, 0, 0, MOVED)
+            return 0, (caller, "u_load", j, (), 0, 0, 0, MOVED)
+        if pc in ("u_load", "o_load"):
+            nxt = "u_cas" if pc == "u_load" else "o_cas"
+            return 0, (caller, nxt, j, (), 0, m[ST][j], 0, result)
+        if pc == "u_cas":
+            cur = m[ST][j]
+            if cur != rst:
+                return 0, (caller, "u_cas", j, (), 0, cur, 0, result)
+            self._store(m, j, (rst & ~RESERVED) | IDLE)
+            return 0, (caller, "r_iclr", 0, (), 0, 0, 0, result)
+        if pc == "o_cas":
+            cur = m[ST][j]
+            if cur != rst:
+                return 0, (caller, "o_cas", j, (), 0, cur, 0, result)
+            word = L.lane_word(m[FILLW][j], j)
+            if m[LANES][lane] != word:
+                raise InvariantError(
+                    "I6", f"b{j} opens for fill {m[FILLW][j]}, which no lane names"
+                )
+            if m[GCLOSE][j] is not None or m[CELLS][j]:
+                raise InvariantError("I4", f"b{j} opens with leftovers of its previous fill")
+            self._store(m, j, 0)
+            return 0, (caller, "r_iclr", 0, (), 0, 0, 0, MOVED)
+        raise AssertionError(f"rotate pc {pc!r}")
+
+    # -- closing a fill (Ring._close_fill, then the CLOSED fetch-or) ------------------------
+
+    @staticmethod
+    def _close_start(used: int) -> tuple[Any, ...]:
+        # (pc, used, address, seq)
+        return ("cf_addr" if used else "cf_store", used, 0, 0)
+
+    def _close_step(self, m: list[Any], i: int, sub: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        pc, used, address, seq = sub
+        if pc == "cf_addr":
+            address = m[NEXT_ADDR]
+            if self.cfg.mutant == "unpadded":
+                m[NEXT_ADDR] = address + _format.SEGMENT_HEADER_SIZE + used
+            else:
+                m[NEXT_ADDR] = address + _format.segment_size(used)
+            return ("cf_seq", used, address, 0)
+        if pc == "cf_seq":
+            seq = m[NEXT_SEQ]
+            m[NEXT_SEQ] = seq + 1
+            return ("cf_store", used, address, seq)
+        if pc == "cf_store":
+            self._set(m, USED, i, used)
+            self._set(m, ADDR, i, address)
+            self._set(m, SEQ, i, seq)
+            return ("cf_closed", used, address, seq)
+        if pc == "cf_closed":
+            st = m[ST][i]
+            if m[GCLOSE][i] is not None:
+                raise InvariantError("I3", f"fill {m[FILLW][i]} of b{i} closed twice")
+            if st & CLOSED or not st & SEALED:
+                raise InvariantError("I3", f"b{i} closed while {fmt_word(st)}")
+            if used and address % L.PAGE:
+                raise InvariantError("I3", f"fill {m[FILLW][i]} got unaligned address {address}")
+            for cell in m[CELLS][i]:
+                if cell[0] + cell[1] > used:
+                    raise InvariantError(
+                        "I7",
+                        f"fill {m[FILLW][i]} of b{i} closed at used={used}, but the claim "
+                        f"W{cell[3]}#{cell[4]} at [{cell[0]}, {cell[0] + cell[1]}) is past it",
+                    )
+            self._store(m, i, st | CLOSED)
+            self._set(m, GCLOSE, i, (m[FILLW][i], address, used, seq))
+            return None
+        raise AssertionError(f"close pc {pc!r}")
+
+    # -- flusher ------------------------------------------------------------------------
+
+    def _flusher(self, m: list[Any], tag: Tag) -> None:
+        pc, i, fst, fused, acc, k, pending, sub = m[FLUSHER]
+        frame: tuple[Any, ...]
+        if pc == "f_idle":
+            what = tag[1]
+            if what == "seal":
+                frame = ("s_or", tag[2], 0, 0, 0, 0, pending, None)
+            elif what == "take":
+                frame = ("t_used", tag[2], m[ST][tag[2]], 0, 0, 0, pending, None)
+            elif what == "flush" and len(tag) == 3:
+                self._take_write_reset(m, tag[2])
+                return
+            elif what == "flush":  # flush_pending: in address order
+                order = tuple(sorted(pending, key=lambda b: m[ADDR][b]))
+                frame = ("w_write", 0, 0, 0, 0, 0, order, None)
+            elif what == "all_idle":
+                frame = ("a_chk", 0, 0, 0, 0, 1, pending, None)
+            else:
+                self._recovery_step(m, tag)
+                return
+        elif pc == "s_or":  # Ring.seal
+            prev = m[ST][i]
+            self._store(m, i, prev | SEALED)
+            used = prev >> SHIFT
+            if prev & SEALED or used > self.cap:
+                frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
+            else:
+                frame = ("close", i, 0, 0, 0, 0, pending, self._close_start(used))
+        elif pc == "close":
+            sub = self._close_step(m, i, sub)
+            if sub is None:
+                frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
+            else:
+                frame = ("close", i, 0, 0, 0, 0, pending, sub)
+        elif pc == "t_used":
+            frame = ("t_sum", i, fst, m[USED][i], 0, 0, pending, None)
+        elif pc == "t_sum":  # committed(): one counter per step ...
+            acc += m[COMMITS][k][i]
+            frame = (
+                "t_sum" if k + 1 < self.nw else "t_base",
+                i,
+                fst,
+                fused,
+                acc,
+                k + 1,
+                pending,
+                None,
+            )
+        elif pc == "t_base":  # ... then the base
+            if (acc - m[BASE][i]) & MASK64 != fused:
+                frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
+            else:
+                frame = ("t_cas", i, fst, fused, acc, 0, pending, None)
+        elif pc == "t_cas":
+            if m[ST][i] != fst:
+                frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
+            else:
+                self._check_take(m, i, fused)
+                self._store(m, i, fst | FLUSHING)
+                frame = ("t_base_store", i, 0, fused, acc, 0, pending, None)
+        elif pc == "t_base_store":  # base = the total read (take_ready)
+            self._set(m, BASE, i, acc & MASK64)
+            frame = ("f_idle", 0, 0, 0, 0, 0, (*pending, i), None)
+        elif pc == "w_write":
+            self._write_fill(m, pending[k])
+            if k + 1 < len(pending):
+                frame = ("w_write", 0, 0, 0, 0, k + 1, pending, None)
+            else:
+                frame = ("x_zero", 0, 0, 0, 0, 0, pending, None)
+        elif pc == "x_zero":  # Flusher.reset: zero ...
+            i = pending[k]
+            g = m[GCLOSE][i]
+            if g is None or (m[USED][i] and not m[GWRITTEN][i]):
+                raise InvariantError("I4", f"b{i} reset before its fill was written")
+            if self.cfg.mutant != "no-zero":
+                self._set(m, CELLS, i, ())
+            frame = ("x_load", i, 0, 0, 0, k, pending, None)
+        elif pc == "x_load":
+            frame = ("x_cas", i, m[ST][i], 0, 0, k, pending, None)
+        elif pc == "x_cas":  # ... then IDLE|SEALED by a CAS loop
+            cur = m[ST][i]
+            if cur != fst:
+                frame = ("x_cas", i, cur, 0, 0, k, pending, None)
+            else:
+                self._store(m, i, IDLE | SEALED)
+                self._set(m, GCLOSE, i, None)
+                self._set(m, GWRITTEN, i, False)
+                if k + 1 < len(pending):
+                    frame = ("x_zero", 0, 0, 0, 0, k + 1, pending, None)
+                else:
+                    frame = ("f_idle", 0, 0, 0, 0, 0, (), None)
+        elif pc == "a_chk":  # all_idle, one state word per step
+            if not m[ST][k] & IDLE:
+                frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
+            elif k + 1 < self.nb:
+                frame = ("a_chk", 0, 0, 0, 0, k + 1, pending, None)
+            else:
+                frame = ("f_exit", 0, 0, 0, 0, 0, pending, None)
+        elif pc == "f_exit":
+            m[STATUS] |= L.STATUS_FLUSHER_DONE
+            frame = ("f_done", 0, 0, 0, 0, 0, pending, None)
+        else:
+            raise AssertionError(f"flusher pc {pc!r}")
+        m[FLUSHER] = frame
+
+    def _take_write_reset(self, m: list[Any], i: int) -> None:
+        """Reduced: take_ready's CAS and base store, write_fill, and reset, at once.
+
+        Only the reset is visible to writers: none of them tells FLUSHING from
+        SEALED|CLOSED, and base and the file are the flusher's alone.  The fill
+        stays ready once it is (its counters cannot pass used, and only the
+        flusher changes a closed fill's flags), so the take may wait until then.
+        """
+        used = m[USED][i]
+        self._check_take(m, i, used)
+        self._store(m, i, m[ST][i] | FLUSHING)
+        self._set(m, BASE, i, sum(c[i] for c in m[COMMITS]) & MASK64)
+        self._write_fill(m, i)
+        if self.cfg.mutant != "no-zero":
+            self._set(m, CELLS, i, ())
+        self._store(m, i, IDLE | SEALED)
+        self._set(m, GCLOSE, i, None)
+        self._set(m, GWRITTEN, i, False)
+
+    def _check_take(self, m: list[Any], i: int, used: int) -> None:
+        st = m[ST][i]
+        g = m[GCLOSE][i]
+        if st & (READY | FLUSHING) != READY or g is None:
+            raise InvariantError("I2", f"b{i} taken while {fmt_word(st)}")
+        if g != (m[FILLW][i], m[ADDR][i], used, m[SEQ][i]):
+            raise InvariantError("I3", f"b{i} taken with extent {g}, descriptor says otherwise")
+        err = _tiling_error(m[CELLS][i], used)
+        if err:
+            raise InvariantError("I2", f"fill {m[FILLW][i]} of b{i} taken, but {err}")
+
+    def _write_fill(self, m: list[Any], i: int) -> None:
+        used, address, seq, fill = m[USED][i], m[ADDR][i], m[SEQ][i], m[FILLW][i]
+        g = m[GCLOSE][i]
+        if g != (fill, address, used, seq):
+            raise InvariantError("I3", f"b{i} written at {address} but closed as {g}")
+        if not used:  # Flusher.write_fill: an empty fill is not written
+            self._set(m, GWRITTEN, i, True)
+            return
+        err = _tiling_error(m[CELLS][i], used)
+        if err:
+            raise InvariantError("I2", f"fill {fill} of b{i} written, but {err}")
+        size = _format.segment_size(used)
+        if address % L.PAGE or address + size > m[NEXT_ADDR]:  # write_fill refuses these
+            raise InvariantError("I3", f"fill {fill} written at {address}, never handed out")
+        for seg in m[FILE]:
+            if address < seg[0] + seg[1] and seg[0] < address + size:
+                raise InvariantError(
+                    "I3", f"fill {fill} at [{address}, {address + size}) overlaps fill {seg[3]}"
+                )
+        records = tuple((c[2], c[3], c[4]) for c in m[CELLS][i])
+        m[FILE] = tuple(sorted((*m[FILE], (address, size, seq, fill, records))))
+        self._set(m, GWRITTEN, i, True)
+        err = self.order_error(m[FILE])
+        if err:
+            raise InvariantError("I8", err)
+
+    # -- dead-writer recovery (not implemented yet) ------------------------------------
+
+    def _recovery_tags(self, s: State) -> Iterator[Tag]:
+        """Flusher transitions of dead-writer recovery: none yet.
+
+        To model recovery, yield ``("F", "recover", ...)`` tags here for the states
+        in which the flusher would start it, and implement their steps in
+        ``_recovery_step`` (one shared-memory access per step, as everywhere else).
+        """
+        raise NotImplementedError("dead-writer recovery is not modelled yet")
+        yield  # pragma: no cover
+
+    def _recovery_step(self, m: list[Any], tag: Tag) -> None:
+        raise NotImplementedError(f"recovery step {tag}")
+
+    # -- invariants ---------------------------------------------------------------------
+
+    def order_error(self, file: tuple[Any, ...]) -> str | None:
+        """I8: each writer's records in the file in append order (by address, offset)."""
+        last: dict[int, int] = {}
+        for seg in file:
+            for kind, w, rec in seg[4]:
+                if kind != DATA:
+                    continue
+                if last.get(w, -1) >= rec:
+                    return f"W{w}#{rec} is in the file after W{w}#{last[w]}"
+                last[w] = rec
+        return None
+
+    def check_state(self, s: State) -> None:
+        returned = tuple(f[1] for f in s[WRITERS])
+        key = (s[FILE], s[CELLS], s[GWRITTEN], returned)
+        if key not in self._records_ok:
+            self._check_records(s)
+            self._records_ok.add(key)
+        bound = self.cap + self.nw * self.faa_limit
+        for i, st in enumerate(s[ST]):
+            if not st & SEALED and st >> SHIFT > bound:
+                raise InvariantError("overshoot", f"open b{i} at offset {st >> SHIFT} > {bound}")
+
+    def _check_records(self, s: State) -> None:
+        # I7: every returned record is in exactly one place, nothing is anywhere twice.
+        seen: Counter[tuple[int, int]] = Counter()
+        for seg in s[FILE]:
+            for kind, w, rec in seg[4]:
+                if kind == DATA:
+                    seen[(w, rec)] += 1
+        written = s[GWRITTEN]
+        for i, cells in enumerate(s[CELLS]):
+            if not written[i]:
+                for cell in cells:
+                    if cell[2] == DATA:
+                        seen[(cell[3], cell[4])] += 1
+        for key, n in seen.items():
+            if n > 1:
+                raise InvariantError("I7", f"record W{key[0]}#{key[1]} is present {n} times")
+        for w in range(self.nw):
+            for rec in range(self.returned(s, w)):
+                if not seen[(w, rec)]:
+                    raise InvariantError("I7", f"W{w}#{rec} returned, but it is nowhere")
+
+    def check_final(self, s: State) -> None:
+        for i, st in enumerate(s[ST]):
+            if not st & IDLE:
+                raise InvariantError(
+                    "I5", f"flusher done but b{i} is {fmt_word(st)}: close() fails"
+                )
+        pos = 0
+        for seg in s[FILE]:
+            if seg[0] != pos:
+                raise InvariantError("I3", f"file hole at [{pos}, {seg[0]})")
+            pos += seg[1]
+        if pos != s[NEXT_ADDR]:
+            raise InvariantError("I3", f"file ends at {pos}, next_address is {s[NEXT_ADDR]}")
+        found: Counter[tuple[int, int]] = Counter()
+        for seg in s[FILE]:
+            for kind, w, rec in seg[4]:
+                if kind == DATA:
+                    found[(w, rec)] += 1
+        for w in range(self.nw):
+            for rec in range(self.returned(s, w)):
+                if found[(w, rec)] != 1:
+                    raise InvariantError(
+                        "I7", f"W{w}#{rec} returned; it is {found[(w, rec)]} times in the file"
+                    )
+        err = self.order_error(s[FILE])
+        if err:
+            raise InvariantError("I8", err)
+
+    @staticmethod
+    def seq_inverted(s: State) -> bool:
+        """docs/format.md: "seq increases in file order".  True if it does not."""
+        seqs = [seg[2] for seg in s[FILE]]
+        return seqs != sorted(seqs)
+
+    # -- traces -------------------------------------------------------------------------
+
+    def describe(self, before: State, tag: Tag, after: State) -> str:
+        if tag[0] == "D":
+            return f"W{tag[1]} is killed at {self.pc_name(before, tag[1])}"
+        if tag[0] == "O":
+            return "owner: close() sets CLOSING"
+        if tag[0] == "W":
+            w = tag[1]
+            who = f"W{w} {self.pc_name(before, w)} -> {self.pc_name(after, w)}"
+            frame = before[WRITERS][w]
+            if frame[0] == "faa":
+                i = frame[2] & L.LANE_INDEX_MASK
+                size = self.cfg.records[w][frame[1]]
+                who += f" [fetch_add(b{i}, {size}<<32) returned {fmt_word(before[ST][i])}]"
+        else:
+            who = f"flusher {self.flusher_pc(before)}"
+            if len(tag) > 1:
+                who += f" [{' '.join(map(str, tag[1:]))}]"
+            who += f" -> {self.flusher_pc(after)}"
+        changes = []
+        for fld in range(GWRITTEN + 1):
+            a, b = before[fld], after[fld]
+            if a == b:
+                continue
+            if fld in (ST, LANES) or (isinstance(a, tuple) and fld != FILE):
+                for k, (x, y) in enumerate(zip(a, b, strict=True)):
+                    if x == y:
+                        continue
+                    if fld == ST:
+                        changes.append(f"state[b{k}] {fmt_word(x)} -> {fmt_word(y)}")
+                    elif fld == LANES:
+                        changes.append(f"lane[{k}] {fmt_lane(x)} -> {fmt_lane(y)}")
+                    elif fld == CELLS:
+                        changes.append(f"b{k} records {self.fmt_cells(y)}")
+                    else:
+                        changes.append(f"{FIELD_NAMES[fld]}[{k}] {x} -> {y}")
+            elif fld == FILE:
+                changes.append(f"file {self.fmt_file(b)}")
+            else:
+                changes.append(f"{FIELD_NAMES[fld]} {a} -> {b}")
+        return who + (": " + "; ".join(changes) if changes else "")
+
+    @staticmethod
+    def fmt_cells(cells: tuple[Any, ...]) -> str:
+        return (
+            "[" + ", ".join(f"{c[0]}+{c[1]} W{c[3]}#{c[4]} {KIND_NAMES[c[2]]}" for c in cells) + "]"
+        )
+
+    @staticmethod
+    def fmt_file(file: tuple[Any, ...]) -> str:
+        return (
+            "["
+            + ", ".join(
+                f"@{seg[0]} fill {seg[3]} seq {seg[2]}: "
+                + " ".join(f"W{w}#{r}" if k == DATA else "ABANDONED" for k, w, r in seg[4])
+                for seg in file
+            )
+            + "]"
+        )
+
+    @staticmethod
+    def pc_name(s: State, w: int) -> str:
+        pc, rec, lw, _old, sub = s[WRITERS][w]
+        if pc == "rot":
+            name = f"rotate({sub[0]}).{sub[1]}"
+        elif pc == "close":
+            name = f"close_crossing.{sub[0]}"
+        else:
+            name = pc
+        if pc in FINISHED:
+            return f"{name}(returned {rec})"
+        return f"{name}(#{rec}{' lane ' + fmt_lane(lw) if lw else ''})"
+
+    @staticmethod
+    def flusher_pc(s: State) -> str:
+        fl = s[FLUSHER]
+        if fl[0] == "close":
+            return f"seal.{fl[7][0]}(b{fl[1]})"
+        return str(fl[0])
+
+    def summary(self, s: State) -> str:
+        parts = [
+            "states " + " ".join(f"b{i}={fmt_word(x)}" for i, x in enumerate(s[ST])),
+            "fills " + " ".join(f"b{i}={x}" for i, x in enumerate(s[FILLW])),
+            "lanes " + " ".join(fmt_lane(x) for x in s[LANES]),
+            f"status {s[STATUS]}",
+            "records " + " ".join(f"b{i}={self.fmt_cells(c)}" for i, c in enumerate(s[CELLS])),
+            "file " + self.fmt_file(s[FILE]),
+            "writers " + ", ".join(f"W{w} {self.pc_name(s, w)}" for w in range(self.nw)),
+            f"flusher {self.flusher_pc(s)}, owner {s[OWNER]}",
+        ]
+        return "\n".join(parts)
+
+
+# -- exploration -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    config: Config
+    states: int = 0
+    transitions: int = 0
+    finals: int = 0
+    pruned: int = 0
+    seconds: float = 0.0
+    #: states from which the run can no longer finish (owner's close never completes)
+    stalled: int = 0
+    #: the first stalled state found (BFS order): the shortest path into a wedge
+    stall_trace: list[str] = field(default_factory=list)
+    stall_summary: str = ""
+    #: writer deaths: (step it died before, its intent then ("-", "claim",
+    #: "rotating"), outcome) -> count.  Outcome "wedges": the run could finish (or
+    #: reach the bound) just before the death, and can do neither after it;
+    #: "finishes": a finished run is still reachable after it; "bound": only
+    #: pruned states are; "doomed": the run was stalled already.
+    deaths: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    #: the distinct files of the final states: (address, seq, records) per segment
+    final_files: set[tuple[Any, ...]] = field(default_factory=set)
+    #: final states whose file breaks docs/format.md's "seq increases in file order"
+    seq_inversions: int = 0
+    seq_trace: list[str] = field(default_factory=list)
+
+
+def _trace(
+    model: Model, states: list[State], parent: array[int], tags: list[Tag | None], sid: int
+) -> list[str]:
+    path = []
+    while sid > 0:
+        path.append(sid)
+        sid = parent[sid]
+    lines = []
+    prev = states[0]
+    for n, sid in enumerate(reversed(path), 1):
+        tag = tags[sid]
+        assert tag is not None
+        lines.append(f"{n:3}. {model.describe(prev, tag, states[sid])}")
+        prev = states[sid]
+    return lines
+
+
+def _backward(marked: bytearray, src: array[int], dst: array[int]) -> None:
+    """Mark every state from which a marked state is reachable (edges src -> dst)."""
+    n = len(marked)
+    start = array("q", bytes(8 * (n + 1)))  # predecessors of b: preds[start[b]:start[b+1]]
+    for b in dst:
+        start[b + 1] += 1
+    for k in range(n):
+        start[k + 1] += start[k]
+    fill = array("q", start)
+    preds = array("q", bytes(8 * len(src)))
+    for a, b in zip(src, dst, strict=True):
+        preds[fill[b]] = a
+        fill[b] += 1
+    todo = deque(k for k in range(n) if marked[k])
+    while todo:
+        b = todo.popleft()
+        for a in preds[start[b] : start[b + 1]]:
+            if not marked[a]:
+                marked[a] = 1
+                todo.append(a)
+
+
+def explore(cfg: Config, max_states: int | None = None) -> Result:
+    """Visit every reachable state of *cfg* (breadth first), checking the invariants.
+
+    Raises InvariantError, with the shortest trace to it, on the first broken invariant.
+    """
+    model = Model(cfg)
+    t0 = time.perf_counter()
+    init = model.initial()
+    ids: dict[State, int] = {init: 0}
+    states: list[State] = [init]
+    parent = array("q", [-1])
+    tags: list[Tag | None] = [None]
+    src = array("q")
+    dst = array("q")
+    can_finish = bytearray(1)  # seeds of the backward search: finals, pruned frontier
+    death_edges: list[tuple[int, int, str, str]] = []
+    res = Result(cfg)
+    frontier = 0
+    while frontier < len(states):
+        sid = frontier
+        s = states[sid]
+        frontier += 1
+        if max_states is not None and len(states) > max_states:
+            raise RuntimeError(f"{cfg.name}: more than {max_states} states (at depth of {sid})")
+        try:
+            model.check_state(s)
+            if model.is_final(s):
+                model.check_final(s)
+                res.finals += 1
+                res.final_files.add(tuple((seg[0], seg[2], seg[4]) for seg in s[FILE]))
+                can_finish[sid] = 1
+                if model.seq_inverted(s):
+                    res.seq_inversions += 1
+                    if not res.seq_trace:
+                        res.seq_trace = [
+                            *_trace(model, states, parent, tags, sid),
+                            "file " + Model.fmt_file(s[FILE]),
+                        ]
+        except InvariantError as exc:
+            exc.trace = [*_trace(model, states, parent, tags, sid), model.summary(s)]
+            raise
+        for tag in model.tags(s):
+            try:
+                t = model.apply(s, tag)
+            except PrunedError:
+                res.pruned += 1
+                can_finish[sid] = 1
+                continue
+            except InvariantError as exc:
+                exc.trace = [
+                    *_trace(model, states, parent, tags, sid),
+                    f"  >> {tag}: violates it",
+                    model.summary(s),
+                ]
+                raise
+            if t == s:
+                continue
+            tid = ids.get(t)
+            if tid is None:
+                tid = len(states)
+                ids[t] = tid
+                states.append(t)
+                parent.append(sid)
+                tags.append(tag)
+                can_finish.append(0)
+            src.append(sid)
+            dst.append(tid)
+            if tag[0] == "D":
+                w = tag[1]
+                intent = s[INTENT][w]
+                kind = (
+                    "-"
+                    if not intent
+                    else "rotating"
+                    if intent & L.INTENT_KIND_MASK == L.INTENT_ROTATING
+                    else "claim"
+                )
+                death_edges.append((sid, tid, Model._wpc(s[WRITERS][w]), kind))
+    res.states = len(states)
+    res.transitions = len(src)
+    finishes = bytearray(len(states))  # strictly: a final state is reachable
+    for k in range(len(states)):
+        if can_finish[k] and model.is_final(states[k]):
+            finishes[k] = 1
+    _backward(finishes, src, dst)
+    _backward(can_finish, src, dst)
+    stalled = [k for k in range(len(states)) if not can_finish[k]]
+    res.stalled = len(stalled)
+    if stalled:
+        res.stall_trace = _trace(model, states, parent, tags, stalled[0])
+        res.stall_summary = model.summary(states[stalled[0]])
+    for sid, tid, pc, intent in death_edges:
+        if not can_finish[sid]:
+            outcome = "doomed"
+        elif not can_finish[tid]:
+            outcome = "wedges"
+        else:
+            outcome = "finishes" if finishes[tid] else "bound"
+        res.deaths[(pc, intent, outcome)] += 1
+    res.seconds = time.perf_counter() - t0
+    return res
