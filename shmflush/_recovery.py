@@ -259,6 +259,29 @@ class Recovery:
         ring.wake_flusher()
         return True
 
+    def _plausible_claim(self, at: int, end: int) -> bool:
+        """Could [at, end) be one dead writer's claim?
+
+        Its finished records form a prefix (records are finished in order); after
+        the first unfinished one there is no valid record header.  A stretch that
+        has one is covering somebody else's finished record, which recovery must
+        never abandon: with several dead claims in one fill, a wrong choice of
+        size could otherwise swallow a live writer's record that lies between
+        them (found by the 10-minute soak).
+        """
+        view = self.ring.view
+        q = self._finished_prefix(at, end) + _format.RECORD_ALIGN
+        while q + _format.RECORD_HEADER_SIZE <= end:
+            length, kind, mark = _HEADER.unpack_from(view, q)
+            if (
+                mark == _format.RECORD_MARK
+                and kind in _VALID_KINDS
+                and q + _format.record_size(length) <= end
+            ):
+                return False
+            q += _format.RECORD_ALIGN
+        return True
+
     def _finished_prefix(self, at: int, end: int) -> int:
         """The offset of the first unfinished record in the claim [at, end)."""
         view = self.ring.view
@@ -313,7 +336,7 @@ class Recovery:
             # one claim of append_many or append_array holds a whole batch, and
             # its writer may have died after writing only part of it.
             for size in sorted(set(left), reverse=True):
-                if p + size <= limit:
+                if p + size <= limit and self._plausible_claim(start + p, start + p + size):
                     rest = list(left)
                     rest.remove(size)
                     holes.append((p, size))

@@ -399,3 +399,44 @@ def test_address_taken_by_a_dead_closer_is_filled_not_left_as_a_hole(bare: Bare)
     reader = shmflush.read(bare.path)
     assert list(reader) == [b"first", b"second"]
     assert reader.abandoned == 4  # four 4 KiB fillers
+
+
+def test_recovery_never_abandons_a_record_between_two_dead_claims(bare: Bare) -> None:
+    # Two dead claims in one fill with a live writer's finished record between
+    # them: dead claim A (one 32-byte record, unfinished), the live record (32
+    # bytes), dead batch claim B (64 bytes: a finished 32-byte record, then an
+    # unfinished one).  "A's hole is 64 bytes" also explains the fill (B then
+    # reads as a record plus a 32-byte hole), but it swallows the live record.
+    from shmflush import _atomic
+    from shmflush._recovery import Recovery
+
+    core = bare.core
+    bare.ring.append(b"head")
+    lane_word = core.words[core.lane_w[0]]
+    i = lane_word & L.LANE_INDEX_MASK
+    fill = lane_word >> L.LANE_FILL_SHIFT
+    unit = _format.record_size(24)
+
+    def dead_claim(k: int, size: int) -> int:
+        at = core.geometry.lease(k)
+        core.words[(at + L.L_PID) // 8] = _dead_pid()
+        core.words[(at + L.L_INTENT) // 8] = ((fill & 0xFFFFFFFF) << 32) | size
+        old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
+        return core.records_at[i] + (old >> 32)
+
+    a = dead_claim(9, unit)
+    core.view[a + 8 : a + 20] = b"a" * 12  # died mid-copy: no header
+    bare.ring.append(b"L" * 24)  # a live writer's record, acknowledged
+    b = dead_claim(10, 2 * unit)
+    core.view[b + 8 : b + 32] = b"B" * 24
+    _format.pack_record_header(core.view, b, 24)  # B's first record: finished
+    core.view[b + unit + 8 : b + unit + 16] = b"b" * 8  # the second: not
+    bare.ring.append(b"tail")
+    core.seal(i)
+    recovery = Recovery(core)
+    for now in (0.0, 10.0):
+        recovery.run(now)
+    bare.flush()
+    reader = shmflush.read(bare.path)
+    assert list(reader) == [b"head", b"L" * 24, b"B" * 24, b"tail"]
+    assert reader.abandoned == 2
