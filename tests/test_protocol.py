@@ -310,26 +310,33 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def _dead_claim(core: Core, k: int, lane_word: int, size: int) -> int:
+    """Give lease slot *k* to a dead process with a claim of *size* bytes in the
+    lane's fill, and make the claim; returns its byte offset in the mapping."""
+    from shmflush import _atomic
+
+    i = lane_word & L.LANE_INDEX_MASK
+    at = core.geometry.lease(k)
+    core.words[(at + L.L_PID) // 8] = _dead_pid()
+    fill = lane_word >> L.LANE_FILL_SHIFT
+    core.words[(at + L.L_INTENT) // 8] = ((fill & 0xFFFFFFFF) << 32) | size
+    old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
+    return core.records_at[i] + (old >> 32)
+
+
 def test_dead_writer_mid_batch_is_recovered_keeping_its_finished_records(bare: Bare) -> None:
     # A batch claim (append_many) holds several records; its writer died after
     # finishing the first and half-writing the second.  Recovery must find the
     # claim although it starts with a valid header.
-    from shmflush import _atomic
     from shmflush._recovery import Recovery
 
     core = bare.core
     bare.ring.append(b"before")
     lane_word = core.words[core.lane_w[0]]
     i = lane_word & L.LANE_INDEX_MASK
-    fill = lane_word >> L.LANE_FILL_SHIFT
     # The dead writer's slot: a dead pid, its intent, its claim of two records.
-    k = 9
-    at = core.geometry.lease(k)
-    core.words[(at + L.L_PID) // 8] = _dead_pid()
-    total = _format.record_size(100) * 2
-    core.words[(at + L.L_INTENT) // 8] = ((fill & 0xFFFFFFFF) << 32) | total
-    old = _atomic.fetch_add(core.state_addr[i], total << 32, 5)
-    first = core.records_at[i] + (old >> 32)
+    at = core.geometry.lease(9)
+    first = _dead_claim(core, 9, lane_word, _format.record_size(100) * 2)
     core.view[first + 8 : first + 108] = b"1" * 100
     _format.pack_record_header(core.view, first, 100)
     second = first + _format.record_size(100)
@@ -407,27 +414,17 @@ def test_recovery_never_abandons_a_record_between_two_dead_claims(bare: Bare) ->
     # bytes), dead batch claim B (64 bytes: a finished 32-byte record, then an
     # unfinished one).  "A's hole is 64 bytes" also explains the fill (B then
     # reads as a record plus a 32-byte hole), but it swallows the live record.
-    from shmflush import _atomic
     from shmflush._recovery import Recovery
 
     core = bare.core
     bare.ring.append(b"head")
     lane_word = core.words[core.lane_w[0]]
     i = lane_word & L.LANE_INDEX_MASK
-    fill = lane_word >> L.LANE_FILL_SHIFT
     unit = _format.record_size(24)
-
-    def dead_claim(k: int, size: int) -> int:
-        at = core.geometry.lease(k)
-        core.words[(at + L.L_PID) // 8] = _dead_pid()
-        core.words[(at + L.L_INTENT) // 8] = ((fill & 0xFFFFFFFF) << 32) | size
-        old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
-        return core.records_at[i] + (old >> 32)
-
-    a = dead_claim(9, unit)
+    a = _dead_claim(core, 9, lane_word, unit)
     core.view[a + 8 : a + 20] = b"a" * 12  # died mid-copy: no header
     bare.ring.append(b"L" * 24)  # a live writer's record, acknowledged
-    b = dead_claim(10, 2 * unit)
+    b = _dead_claim(core, 10, lane_word, 2 * unit)
     core.view[b + 8 : b + 32] = b"B" * 24
     _format.pack_record_header(core.view, b, 24)  # B's first record: finished
     core.view[b + unit + 8 : b + unit + 16] = b"b" * 8  # the second: not
