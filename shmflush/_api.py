@@ -386,7 +386,7 @@ class Ring:
             data = _as_bytes(data)
             n = data.nbytes
         if timeout is not None:
-            _deadline(timeout)  # check it even where this call will not block
+            _check_timeout(timeout)  # even where this call will not block
         size = _HDR + ((n + 7) & -8)
         try:
             slot: _ThreadSlot = self._tls.slot
@@ -742,13 +742,17 @@ def _deadline(timeout: Any) -> float | None:
     """Check a ``timeout`` argument and turn it into a monotonic deadline."""
     if timeout is None:
         return None
+    _check_timeout(timeout)
+    return time.monotonic() + float(timeout)
+
+
+def _check_timeout(timeout: Any) -> None:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         raise TypeError(
             f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
         )
     if not timeout >= 0:  # also catches NaN
         raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
-    return time.monotonic() + timeout
 
 
 def _as_bytes(data: Any) -> memoryview:
