@@ -11,7 +11,7 @@ A file is a dense sequence of *segments*, each starting at a multiple of
     segment header (64 bytes, little-endian)
     off size field
       0    8 magic        b"SHMFLSEG"
-      8    2 version      u16 = 1
+      8    2 version      u16 = 2
      10    2 header_size  u16 = 64
      12    4 used         u32  bytes of record area after the header, multiple of 8
      16    8 seq          u64  seal sequence number
@@ -28,6 +28,12 @@ The record area holds records back to back, each 8-aligned::
       4    2 kind    u16  KIND_DATA or KIND_ABANDONED
       6    2 mark    u16  RECORD_MARK
       8    length payload, then zeros up to a multiple of 8
+
+Where a record header would start, 8 zero bytes are *padding*: readers skip
+them and look for the next header 8 bytes on.  A valid header is never all
+zero (its mark is not), so padding cannot be mistaken for a record.  Padding is
+what a claim leaves whose writer died before writing any of it: dead-writer
+recovery commits such ranges without having to find them (see _recovery).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ if TYPE_CHECKING:
 
 BLOCK = 4096
 SEGMENT_MAGIC = b"SHMFLSEG"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SEGMENT_HEADER_SIZE = 64
 RECORD_HEADER_SIZE = 8
 RECORD_ALIGN = 8
@@ -194,11 +200,33 @@ def parse_segment_header(  # noqa: PLR0911
     return SegmentHeader(used=used, seq=seq, address=address, payload_crc=payload_crc)
 
 
+_PAD_SCAN = 1 << 16
+
+
+def skip_padding(body: memoryview, pos: int, end: int) -> int:
+    """The first offset at or after *pos* (8-aligned, at most *end*) whose 8 bytes
+    are not all zero: the end of a run of padding words.  Runs at C speed, a
+    64 KiB window at a time, so a long zero stretch costs no Python loop."""
+    while pos < end:
+        stop = min(end, pos + _PAD_SCAN)
+        window = body[pos:stop].tobytes()
+        rest = len(window.lstrip(b"\0"))
+        if rest:
+            return pos + ((len(window) - rest) & ~(RECORD_ALIGN - 1))
+        pos = stop
+    return end
+
+
+def is_padding(length: int, kind: int, mark: int) -> bool:
+    return not (length or kind or mark)
+
+
 def _record_spans(body: memoryview) -> Iterator[tuple[int, int, int]]:
     """Yield ``(kind, payload_start, length)`` for each record of a record area.
 
-    Raises :class:`ValueError` naming the record's offset in the record area as
-    soon as a record is malformed; records before it have been yielded.
+    Zero padding words are skipped.  Raises :class:`ValueError` naming the
+    record's offset in the record area as soon as a record is malformed; records
+    before it have been yielded.
     """
     end = body.nbytes
     pos = 0
@@ -208,6 +236,9 @@ def _record_spans(body: memoryview) -> Iterator[tuple[int, int, int]]:
                 f"record at record-area offset {pos}: header runs past the end ({end} bytes)"
             )
         length, kind, mark = _unpack_record_from(body, pos)
+        if not (length or kind or mark):
+            pos = skip_padding(body, pos, end)
+            continue
         if mark != RECORD_MARK:
             raise ValueError(f"record at record-area offset {pos}: bad mark 0x{mark:04x}")
         if kind not in _VALID_KINDS:

@@ -32,11 +32,13 @@ from ._format import (
     SEGMENT_MAGIC,
     SegmentHeader,
     check_records,
+    is_padding,
     iter_records,
     pad_block,
     parse_segment_header,
     record_size,
     segment_size,
+    skip_padding,
 )
 
 # Read-ahead for the forward scan: large enough to amortise pread(2) over many
@@ -243,6 +245,9 @@ class Reader:
             # record header never straddles two chunks.
             while next_record < pos + n:
                 length, kind, mark = RECORD_HEADER.unpack_from(chunk, next_record - pos)
+                if is_padding(length, kind, mark):
+                    next_record = pos + skip_padding(chunk, next_record - pos, n)
+                    continue
                 problem = _record_problem(next_record, length, kind, mark, used)
                 if problem is not None:
                     return f"malformed {problem}"
@@ -259,6 +264,10 @@ class Reader:
             length, kind, mark = RECORD_HEADER.unpack_from(
                 self._get(body_start + pos, RECORD_HEADER_SIZE)
             )
+            if is_padding(length, kind, mark):
+                n = min(_READ_CHUNK, used - pos)
+                pos += skip_padding(self._get(body_start + pos, n), 0, n)
+                continue
             # The body was validated a moment ago; a difference now means someone
             # rewrote it under us, and nothing more of it can be trusted.
             if _record_problem(pos, length, kind, mark, used) is not None:

@@ -36,7 +36,7 @@ U64 = st.integers(0, 2**64 - 1)
 def craft_header(
     *,
     magic: bytes = b"SHMFLSEG",
-    version: int = 1,
+    version: int = 2,
     header_size: int = 64,
     used: int = 0,
     seq: int = 0,
@@ -72,7 +72,7 @@ def build_area(records: list[tuple[int, bytes]]) -> bytearray:
 def test_constants_match_the_spec() -> None:
     assert BLOCK == 4096
     assert _format.SEGMENT_MAGIC == b"SHMFLSEG"
-    assert _format.FORMAT_VERSION == 1
+    assert _format.FORMAT_VERSION == 2
     assert SEGMENT_HEADER_SIZE == 64
     assert _format.RECORD_HEADER_SIZE == 8
     assert _format.RECORD_ALIGN == 8
@@ -192,7 +192,8 @@ def test_parse_segment_header_reports_each_check() -> None:
     assert parse_segment_header(good, 8192) == SegmentHeader(16, 3, 8192, 77)
     cases = {
         "bad magic": craft_header(magic=b"SHMFLSEH"),
-        "unsupported format version 2": craft_header(version=2),
+        "unsupported format version 3": craft_header(version=3),
+            "unsupported format version 1": craft_header(version=1),
         "header size 128, expected 64": craft_header(header_size=128),
         "header CRC mismatch": craft_header(used=16, header_crc=1234),
         "used length 12 is not a multiple of 8": craft_header(used=12),
@@ -305,10 +306,10 @@ def test_empty_record_area_has_no_records() -> None:
 # -- golden bytes ----------------------------------------------------------------
 
 EXAMPLE_DUMP = """\
-00000000  53 48 4d 46 4c 53 45 47  01 00 40 00 38 00 00 00  |SHMFLSEG..@.8...|
+00000000  53 48 4d 46 4c 53 45 47  02 00 40 00 38 00 00 00  |SHMFLSEG..@.8...|
 00000010  07 00 00 00 00 00 00 00  00 20 00 00 00 00 00 00  |......... ......|
 00000020  45 f1 42 94 00 00 00 00  00 00 00 00 00 00 00 00  |E.B.............|
-00000030  00 00 00 00 00 00 00 00  00 00 00 00 50 15 95 22  |............P.."|
+00000030  00 00 00 00 00 00 00 00  00 00 00 00 47 11 c0 98  |............G...|
 00000040  05 00 00 00 01 00 f1 5a  68 65 6c 6c 6f 00 00 00  |.......Zhello...|
 00000050  04 00 00 00 02 00 f1 5a  00 00 00 00 00 00 00 00  |.......Z........|
 00000060  09 00 00 00 01 00 f1 5a  73 68 6d 66 6c 75 73 68  |.......Zshmflush|
