@@ -13,8 +13,8 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -84,9 +84,27 @@ class Stats:
 
 
 class _ThreadSlot:
-    """A lease slot held by one thread; released when the thread's locals die."""
+    """A lease slot held by one thread of this process.
 
-    __slots__ = ("__weakref__", "commit_w", "core", "intent_w", "lane", "lane_w", "pid", "slot")
+    Released when the thread ends (its thread-local reference is the only
+    strong one, so the slot dies with the thread's locals) or when its handle
+    closes.  ``pending`` holds what the thread knew of the claim in flight when
+    an exception interrupted it (see ``Ring._interrupted``).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "at_w",
+        "commit_w",
+        "core",
+        "intent_w",
+        "lane",
+        "lane_w",
+        "pending",
+        "pid",
+        "reservation",
+        "slot",
+    )
 
     def __init__(self, core: _Core, slot: int) -> None:
         self.core: _Core | None = core
@@ -96,9 +114,38 @@ class _ThreadSlot:
         self.lane_w = core.lane_w[self.lane]
         g = core.geometry
         self.intent_w = (g.lease(slot) + L.L_INTENT) // 8
+        self.at_w = (g.lease(slot) + L.L_AT) // 8
         self.commit_w = g.commit(slot, 0) // 8  # + buffer index
+        # (buffer, fetch-and-add result or -1, commit counter before, size, fill)
+        self.pending: tuple[int, int, int, int, int] | None = None
+        self.reservation: memoryview | None = None  # an open reserve() block's view
+
+    def settle(self) -> None:
+        """Settle a claim an exception left in flight; orphan the slot (hand the
+        claim to recovery) where that cannot be done here."""
+        core = self.core
+        if core is None or core.mm is None or self.pid != os.getpid():
+            return
+        if not core.words[self.intent_w]:
+            self.pending = None
+            return
+        pending = self.pending
+        if pending is not None:
+            i, old, committed, size, fill = pending
+            if core.settle_claim(self.slot, i, old, committed, size, fill):
+                self.pending = None
+                return
+        self.pending = None
+        self.core = None  # the slot is recovery's now: never release it
+        core.orphan_lease(self.slot)
 
     def release(self) -> None:
+        view, self.reservation = self.reservation, None
+        if view is not None:
+            # The handle closes under an open reserve() block: its owner may not
+            # write there any more (the claim is settled as abandoned).
+            view.release()
+        self.settle()
         core, self.core = self.core, None
         if core is not None and core.mm is not None and self.pid == os.getpid():
             core.release_lease(self.slot)
@@ -147,13 +194,17 @@ class Ring:
         self._watchdog: threading.Thread | None = None
         self._spawned: list[subprocess.Popen[bytes]] = []
         self._closing = False
+        self._close_lock = threading.Lock()
         self._tls = threading.local()
-        self._slots: list[_ThreadSlot] = []
+        # Weak: a thread's slot lives as long as the thread's locals do, so a
+        # thread that ends gives its slot back (thread churn, issue 7.5).
+        self._slots: weakref.WeakSet[_ThreadSlot] = weakref.WeakSet()
         self._slots_lock = threading.Lock()
         self._records = 0
         self._bytes = 0
         self._abandoned = 0
         self.name = core.name
+        self._ring_id = core.header(L.H_RING_ID)
         # Hot-path constants and bound callables, cached once.
         self._words = core.words
         self._view = core.view
@@ -167,15 +218,26 @@ class Ring:
         # the crash points; the fast path has none (see _faults).
         self._faa_limit = -1 if _faults.ENABLED else core.faa_limit
         self._pack = _format.RECORD_HEADER.pack_into
-        core.restart_flusher = lambda: self._restart_flusher(core)
+        # A weak reference: the mapping must not be kept alive by a cycle
+        # (core -> callback -> handle -> core), or an unreferenced handle would
+        # hold its mapping and fd until the cyclic collector runs.
+        me = weakref.ref(self)
+
+        def restart() -> None:
+            handle = me()
+            if handle is not None and handle._core is not None:
+                handle._restart_flusher(handle._core)
+
+        core.restart_flusher = restart
         _live_rings.add(self)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def _forked(self) -> None:
         self._tls = threading.local()
-        self._slots = []
+        self._slots = weakref.WeakSet()
         self._slots_lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._flusher = None
         self._watchdog = None
         self._spawned = []
@@ -190,7 +252,7 @@ class Ring:
         self.close()
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return attach, (self.name,)
+        return _unpickle, (self.name,)
 
     def __repr__(self) -> str:
         state = "closed" if self._core is None else ("owner" if self._is_owner() else "attached")
@@ -210,52 +272,124 @@ class Ring:
         return core
 
     def _slot(self) -> _ThreadSlot:
+        """This thread's writer slot, after settling whatever an exception left
+        in flight in it (an interrupted claim is settled by the next call)."""
+        if getattr(self._tls, "reservation", None) is not None:
+            raise ShmflushError(
+                f"ring {self.name!r}: this thread has a reserve() block open on this ring; "
+                "finish it before appending again"
+            )
         slot: _ThreadSlot | None = getattr(self._tls, "slot", None)
-        if slot is None:
-            core = self._live_core()
-            slot = _ThreadSlot(core, core.acquire_lease())
-            self._tls.slot = slot
-            with self._slots_lock:
-                self._slots.append(slot)
+        if slot is not None:
+            if slot.pending is not None or (
+                slot.core is not None and slot.core.words[slot.intent_w]
+            ):
+                slot.settle()
+            if slot.core is not None:
+                return slot
+            del self._tls.slot  # orphaned: its claim is recovery's to settle
+        core = self._live_core()
+        slot = _ThreadSlot(core, core.acquire_lease())
+        self._tls.slot = slot
+        with self._slots_lock:
+            self._slots.add(slot)
         return slot
 
+    def _interrupted(self, slot: _ThreadSlot) -> None:
+        """Run by every writer path's exception handler: settle the claim the
+        exception interrupted, or hand it to recovery."""
+        with suppress(Exception):
+            slot.settle()
+        if slot.core is None and getattr(self._tls, "slot", None) is slot:
+            del self._tls.slot
+
     def close(self, timeout: float | None = 60.0) -> None:
-        """Close this handle.  Idempotent.
+        """Close this handle.  Idempotent, and safe to call from several threads.
 
-        In the owner, this drains every buffer to the file, stops the flusher and
-        unlinks the shared memory and semaphores: when it returns without raising,
-        every record appended through the ring, by any process, is on disk.  Other
-        processes' later appends raise :class:`RingClosedError`.  Raises
-        :class:`RingBrokenError` if the flusher could not write everything and
-        :class:`RingTimeoutError` if it did not finish within *timeout* seconds;
-        the shared memory is unlinked in every case.
+        Other threads of this process that are appending through this handle get
+        :class:`RingClosedError` from their next call; a call already inside the
+        library is let finish first (at most a few seconds), and a claim that an
+        exception left in flight is settled.
 
-        In any other process, this releases the process's writer slots and unmaps.
+        In the owner, this then drains every buffer to the file, stops the flusher
+        and unlinks the shared memory and semaphores: when it returns without
+        raising, every record appended through the ring, by any process, is on
+        disk.  Other processes' later appends raise :class:`RingClosedError`.
+        Raises :class:`RingBrokenError` if the flusher could not write everything
+        and :class:`RingTimeoutError` if it did not finish within *timeout*
+        seconds; the shared memory is unlinked in every case.
+
+        In any other process, this releases the handle's writer slots and unmaps.
         """
         _deadline(timeout)  # check the argument before touching anything
-        core = self._core
-        if core is None:
-            return
-        error: ShmflushError | None = None
-        try:
-            if self._is_owner():
-                error = self._shutdown(core, timeout)
-        finally:
+        with self._close_lock:
+            core = self._core
+            if core is None:
+                return
+            deadline = _deadline(timeout)
+            # Divert later calls: the fast path reads a non-zero status from the
+            # stand-in words and takes the general path, which finds no core.
+            self._words = _CLOSED_WORDS
+            self._view = _CLOSED_VIEW
             self._core = None
-            with self._slots_lock:
-                slots, self._slots = self._slots, []
-            for slot in slots:
-                slot.release()
-            # A flusher this process restarted runs on after we close; keep its
-            # Popen where the garbage collector cannot drop it while it runs.
-            _detached.extend(p for p in self._spawned if p.poll() is None)
-            self._tls = threading.local()
-            # BufferError: a reserve() view is still referenced somewhere; the
-            # mapping goes away when that last reference does.
-            with contextlib.suppress(BufferError):
-                core.unmap()
-        if error is not None:
-            raise error
+            core.handle_closed = True
+            error: ShmflushError | None = None
+            unmap = False
+            try:
+                unmap = self._wait_for_callers(deadline)
+                with self._slots_lock:
+                    slots = list(self._slots)
+                    self._slots = weakref.WeakSet()
+                for slot in slots:
+                    slot.release()
+                if self._is_owner():
+                    error = self._shutdown(core, timeout)
+            finally:
+                # A flusher this process restarted runs on after we close; keep its
+                # Popen where the garbage collector cannot drop it while it runs.
+                _detached.extend(p for p in self._spawned if p.poll() is None)
+                self._tls = threading.local()
+                _forget_attached(self)
+                if unmap:
+                    # BufferError: a numpy view is still referenced somewhere; the
+                    # mapping goes away when that last reference does.
+                    with contextlib.suppress(BufferError):
+                        core.unmap()
+                else:
+                    core.close_semaphores()
+            if error is not None:
+                raise error
+
+    def _wait_for_callers(self, deadline: float | None) -> bool:
+        """Wait until no other thread is inside a method of this handle.
+
+        Other threads see the handle closed on their next step; one already in a
+        call finishes it (microseconds), one waiting for space wakes within
+        100 ms and raises.  Returns False if some thread is still inside after
+        a few seconds: the mapping must then outlive it (no unmap).
+        """
+        me = threading.get_ident()
+        limit = time.monotonic() + 5.0
+        if deadline is not None:
+            limit = min(limit, max(deadline, time.monotonic() + 0.5))
+        while True:
+            busy = False
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                f: Any = frame
+                while f is not None:
+                    if f.f_code in _RING_CODES and f.f_locals.get("self") is self:
+                        busy = True
+                        break
+                    f = f.f_back
+                if busy:
+                    break
+            if not busy:
+                return True
+            if time.monotonic() > limit:
+                return False
+            time.sleep(0.001)
 
     def _shutdown(self, core: _Core, timeout: float | None) -> ShmflushError | None:
         error: ShmflushError | None = None
@@ -376,6 +510,11 @@ class Ring:
         Blocks while every buffer is full, at most *timeout* seconds (``None``:
         no limit) and raises :class:`RingTimeoutError` after that.
 
+        An exception that interrupts the call (``KeyboardInterrupt``, or one
+        raised by a signal handler) leaves the record either whole in the file
+        or not there at all, never torn or twice; the ring and this thread go
+        on working.
+
         Raises :class:`TypeError` for non-bytes-like input,
         :class:`RecordTooLargeError` for a record larger than ``max_record``,
         :class:`RingClosedError` and :class:`RingBrokenError` as their names say.
@@ -393,45 +532,64 @@ class Ring:
         except AttributeError:
             slot = self._slot()
         words = self._words
-        if not words[self._status_w] and size <= self._faa_limit:
-            # The hot path: one fetch-and-add, then plain stores (see _ring).
+        # The hot path: one fetch-and-add, then plain stores (see _ring).  The
+        # intent check sends a thread whose last call was interrupted to the
+        # general path, which settles that claim first.
+        if not words[self._status_w] and size <= self._faa_limit and not words[slot.intent_w]:
             lane_word = words[slot.lane_w]
             i = lane_word & _INDEX_MASK
-            fill = lane_word >> _FILL_SHIFT
             try:
                 addr = self._state_addr[i]
             except IndexError:
                 raise self._corrupt_lane(lane_word) from None
-            words[slot.intent_w] = ((fill & _FILL_TAG) << 32) | size
-            old = _fetch_add(addr, size << 32, 5)
-            off = old >> 32
-            if not old & _SEALED and off + size <= self._capacity:
-                at = self._records_at[i] + off
-                if words[self._fill_w[i]] == fill:
-                    view = self._view
-                    view[at + _HDR : at + _HDR + n] = data
-                    self._pack(view, at, n, _KIND_DATA, _MARK)  # header last
-                    words[slot.commit_w + i] += size
-                    words[slot.intent_w] = 0
-                    self._records += 1
-                    self._bytes += n
-                    return
-            deadline = _deadline(timeout)
-            self._claim_failed(slot, i, old, size, lane_word, deadline)
+            cw = slot.commit_w + i
+            committed = words[cw]
+            old = -1
+            words[slot.intent_w] = ((lane_word & 0xFFFFFFFF) << 32) | size  # claim_intent
+            try:
+                old = _fetch_add(addr, size << 32, 5)
+                off = old >> 32
+                if not old & _SEALED and off + size <= self._capacity:
+                    at = self._records_at[i] + off
+                    if words[self._fill_w[i]] == lane_word >> _FILL_SHIFT:
+                        words[slot.at_w] = at  # the claim is known: before any byte
+                        view = self._view
+                        view[at + _HDR : at + _HDR + n] = data
+                        self._pack(view, at, n, _KIND_DATA, _MARK)  # header last
+                        words[cw] = committed + size
+                        words[slot.at_w] = 0
+                        words[slot.intent_w] = 0
+                        self._records += 1
+                        self._bytes += n
+                        return
+                deadline = _deadline(timeout)
+                slot.pending = (i, old, committed, size, lane_word >> _FILL_SHIFT)
+                self._claim_failed(slot, i, old, size, lane_word, deadline)
+            except BaseException:
+                # Plain stores first: no signal handler can run before them.
+                slot.pending = (i, old, committed, size, lane_word >> _FILL_SHIFT)
+                self._interrupted(slot)
+                raise
         else:
             deadline = _deadline(timeout)
             if n > self._max_record:
                 raise self._too_large(n)
-        at, i = self._claim(slot, size, deadline)
-        if _faults.ENABLED:
-            _faults.reached("append.claimed")
-        self._view[at + _HDR : at + _HDR + n] = data
-        if _faults.ENABLED:
-            _faults.reached("append.copied")
-        self._pack(self._view, at, n, _KIND_DATA, _MARK)
-        if _faults.ENABLED:
-            _faults.reached("append.headed")
-        self._commit(slot, i, size)
+        try:
+            at, i, committed = self._claim(slot, size, deadline)
+            slot = self._tls.slot  # _claim may have replaced an orphaned slot
+            if _faults.ENABLED:
+                _faults.reached("append.claimed")
+            self._view[at + _HDR : at + _HDR + n] = data
+            if _faults.ENABLED:
+                _faults.reached("append.copied")
+            self._pack(self._view, at, n, _KIND_DATA, _MARK)
+            if _faults.ENABLED:
+                _faults.reached("append.headed")
+            self._commit(slot, i, committed, size)
+        except BaseException:
+            slot = getattr(self._tls, "slot", slot)
+            self._interrupted(slot)
+            raise
         self._records += 1
         self._bytes += n
 
@@ -448,12 +606,17 @@ class Ring:
             f"{core.geometry.buffer_size})"
         )
 
-    def _commit(self, slot: _ThreadSlot, i: int, size: int) -> None:
-        words = self._words
-        words[slot.commit_w + i] += size
+    def _commit(self, slot: _ThreadSlot, i: int, committed: int, size: int) -> None:
+        """Publish a claim: its commit counter covers it (see _ring), then the
+        lease forgets it.  Idempotent: the counter is set, not added to."""
+        core = self._live_core()
+        words = core.words
+        words[slot.commit_w + i] = (committed + size) & L.WORD_MASK
         if _faults.ENABLED:
             _faults.reached("append.committed")
+        words[slot.at_w] = 0
         words[slot.intent_w] = 0
+        slot.pending = None
 
     def _claim_failed(  # noqa: PLR0917  (the hot path passes what it already has)
         self,
@@ -464,54 +627,78 @@ class Ring:
         lane_word: int,
         deadline: float | None,
     ) -> None:
-        """Settle a claim that cannot be used, then wait until the lane moves on."""
+        """Settle a claim that cannot be used, then wait until the lane moves on.
+
+        ``slot.pending`` describes the claim on entry, so that an exception
+        anywhere in here is settled by the caller's handler.
+        """
         core = self._live_core()
+        words = core.words
         off = old >> 32
         if not old & _SEALED and off + size <= core.capacity:
             # A valid claim, but in a fill that is not our lane's: we read the lane
             # word, and the buffer was recycled into another lane's fill before our
             # claim landed.  Writing there could reorder our records (I8): give the
             # range up as an abandoned record, commit it, and move the lane on.
-            core.abandon(core.records_at[i] + off, size)
-            self._commit(slot, i, size)
+            at = core.records_at[i] + off
+            words[slot.at_w] = at
+            core.abandon(at, size)
+            assert slot.pending is not None
+            self._commit(slot, i, slot.pending[2], size)
             self._abandoned += 1
             core.rotate(slot.lane, lane_word, slot.intent_w)
             return
-        self._words[slot.intent_w] = 0
         if not old & _SEALED and off <= core.capacity:
-            core.close_crossing(i, off)  # we crossed capacity: we close the fill
+            # We crossed capacity: we close the fill.  The lease says so while we
+            # do: were we to die half-way, recovery finishes the close; an
+            # exception here orphans the slot for the same reason.
+            words[slot.intent_w] = L.INTENT_SEALING | (i << 32)
+            slot.pending = None
+            core.close_crossing(i, off)
+            words[slot.intent_w] = 0
         else:
+            words[slot.intent_w] = 0
+            slot.pending = None
             core.reject(i, old)
         core.advance(slot.lane, lane_word, deadline, slot.intent_w)
 
-    def _claim(self, slot: _ThreadSlot, size: int, deadline: float | None) -> tuple[int, int]:
+    def _claim(self, slot: _ThreadSlot, size: int, deadline: float | None) -> tuple[int, int, int]:
         """Claim *size* bytes (at most a buffer's capacity) in this thread's lane.
 
-        Returns (byte offset of the claimed range in the mapping, buffer index).
-        The caller writes the range, header last, and must then ``_commit`` it.
+        Returns (byte offset of the claimed range in the mapping, buffer index,
+        the slot's commit counter for that buffer before the claim).  The caller
+        writes the range, header last, then calls ``_commit``; on an exception
+        its handler calls ``_interrupted`` (``slot.pending`` is kept current).
         """
-        core = self._live_core()
-        words = self._words
         while True:
+            core = self._live_core()
+            slot = self._slot()
+            words = core.words
             core.check_status()
             lane_word = words[slot.lane_w]
             i = lane_word & _INDEX_MASK
             if i >= core.geometry.buffers:
                 raise self._corrupt_lane(lane_word)
             fill = lane_word >> _FILL_SHIFT
-            words[slot.intent_w] = ((fill & _FILL_TAG) << 32) | size
+            committed = words[slot.commit_w + i]
+            slot.pending = (i, -1, committed, size, fill)
+            words[slot.intent_w] = L.claim_intent(lane_word, size)
             if size > core.faa_limit:
                 off = core.claim_large(i, size)
                 if off < 0:
                     words[slot.intent_w] = 0
+                    slot.pending = None
                     core.advance(slot.lane, lane_word, deadline, slot.intent_w)
                     continue
                 old = off << 32
             else:
                 old = _fetch_add(core.state_addr[i], size << 32, 5)
                 off = old >> 32
+            slot.pending = (i, old, committed, size, fill)
             if not old & _SEALED and off + size <= core.capacity and words[core.fill_w[i]] == fill:
-                return core.records_at[i] + off, i
+                at = core.records_at[i] + off
+                words[slot.at_w] = at
+                return at, i, committed
             self._claim_failed(slot, i, old, size, lane_word, deadline)
 
     def append_many(self, records: Iterable[Any], *, timeout: float | None = None) -> int:
@@ -521,8 +708,9 @@ class Ring:
         checked (type, size) before any is appended.  Consecutive records are
         claimed together, with one fetch-and-add per batch of up to 64 KiB, so
         this is much faster than calling :meth:`append` in a loop.  If the ring
-        fails part-way (closed, broken, timed out), the records before the failing
-        batch are appended and the rest are not; the count tells how many.
+        fails part-way (closed, broken, timed out, or an exception such as
+        ``KeyboardInterrupt``), the records of earlier batches are appended and
+        the rest are not; the count (when the call returns) tells how many.
         """
         items: list[Any] = []
         sizes: list[int] = []
@@ -540,33 +728,38 @@ class Ring:
                 raise self._too_large(n)
             items.append(item)
             sizes.append(n)
-        slot = self._slot()
         deadline = _deadline(timeout)
         limit = max(_HDR, min(_BATCH_BYTES, self._capacity // 8))
-        view = self._view
         pack = self._pack
         done = 0
         count = len(items)
-        while done < count:
-            # The batch: as many records as fit under the limit (at least one).
-            end = done
-            total = 0
-            while end < count:
-                size = _HDR + ((sizes[end] + 7) & -8)
-                if total and total + size > limit:
-                    break
-                total += size
-                end += 1
-            at, i = self._claim(slot, total, deadline)
-            for k in range(done, end):
-                n = sizes[k]
-                view[at + _HDR : at + _HDR + n] = items[k]
-                pack(view, at, n, _KIND_DATA, _MARK)
-                at += _HDR + ((n + 7) & -8)
-            self._commit(slot, i, total)
-            self._records += end - done
-            self._bytes += sum(sizes[done:end])
-            done = end
+        slot = self._slot()
+        try:
+            while done < count:
+                # The batch: as many records as fit under the limit (at least one).
+                end = done
+                total = 0
+                while end < count:
+                    size = _HDR + ((sizes[end] + 7) & -8)
+                    if total and total + size > limit:
+                        break
+                    total += size
+                    end += 1
+                at, i, committed = self._claim(slot, total, deadline)
+                slot = self._tls.slot
+                view = self._view
+                for k in range(done, end):
+                    n = sizes[k]
+                    view[at + _HDR : at + _HDR + n] = items[k]
+                    pack(view, at, n, _KIND_DATA, _MARK)
+                    at += _HDR + ((n + 7) & -8)
+                self._commit(slot, i, committed, total)
+                self._records += end - done
+                self._bytes += sum(sizes[done:end])
+                done = end
+        except BaseException:
+            self._interrupted(getattr(self._tls, "slot", slot))
+            raise
         return count
 
     def append_array(self, array: Any, *, timeout: float | None = None) -> int:
@@ -577,7 +770,8 @@ class Ring:
         ``array.itemsize * prod(array.shape[1:])`` bytes.  Rows are claimed in
         batches (one fetch-and-add per up to 64 KiB) and their headers are written
         with one vectorised store per batch.  Returns the number of rows appended;
-        on a failure part-way, the rows of earlier batches are appended.
+        on a failure part-way (an exception such as ``KeyboardInterrupt``
+        included), the rows of earlier batches are appended, each whole.
         Read them back with :func:`shmflush.read_array`.
         """
         import numpy as np  # noqa: PLC0415  (numpy is only paid for by its users)
@@ -594,7 +788,6 @@ class Ring:
             raise self._too_large(n)
         if not rows:
             return 0
-        slot = self._slot()
         core = self._live_core()
         deadline = _deadline(timeout)
         size = _HDR + ((n + 7) & -8)
@@ -603,30 +796,38 @@ class Ring:
         header = np.frombuffer(_format.RECORD_HEADER.pack(n, _KIND_DATA, _MARK), np.uint8)
         mapped = core.bytes_view()
         done = 0
+        slot = self._slot()
         try:
             while done < rows:
                 k = min(per_batch, rows - done)
-                at, i = self._claim(slot, k * size, deadline)
+                at, i, committed = self._claim(slot, k * size, deadline)
+                slot = self._tls.slot
                 target = mapped[at : at + k * size].reshape(k, size)
                 target[:, _HDR : _HDR + n] = source[done : done + k]
                 target[:, :_HDR] = header  # headers after the payloads
-                self._commit(slot, i, k * size)
+                self._commit(slot, i, committed, k * size)
                 self._records += k
                 self._bytes += k * n
                 done += k
+        except BaseException:
+            self._interrupted(getattr(self._tls, "slot", slot))
+            raise
         finally:
             del mapped
         return int(rows)
 
-    @contextmanager
-    def reserve(self, n: int, *, timeout: float | None = None) -> Iterator[memoryview]:
-        """Claim *n* bytes and yield a writable memoryview of exactly them.
+    def reserve(self, n: int, *, timeout: float | None = None) -> _Reservation:
+        """Claim *n* bytes; ``with ring.reserve(n) as view:`` gives a writable
+        memoryview of exactly them.
 
         Zero-copy: the view is the record's place in shared memory.  On normal exit
         the record is committed as it stands; if the block raises, the range
         becomes an abandoned record that readers skip, and the exception
-        propagates.  The view is released on exit.  Keep the block short: the
-        buffer cannot be flushed while a reservation in it is open.
+        propagates.  The view is released on exit (and when the handle is
+        closed: a later write to it raises ``ValueError``).  Keep the block
+        short: the buffer cannot be flushed while a reservation in it is open.
+        Appending to the same ring from inside the block raises
+        :class:`ShmflushError`.
         """
         if not isinstance(n, int) or isinstance(n, bool):
             raise TypeError(f"reserve() size must be an int, not {type(n).__name__}")
@@ -634,28 +835,9 @@ class Ring:
             raise ValueError(f"reserve() size must be >= 0, got {n}")
         if n > self._max_record:
             raise self._too_large(n)
-        slot = self._slot()
-        size = _HDR + ((n + 7) & -8)
-        deadline = _deadline(timeout)
-        at, i = self._claim(slot, size, deadline)
-        view = self._view[at + _HDR : at + _HDR + n]
-        kind = _KIND_ABANDONED
-        try:
-            if _faults.ENABLED:
-                _faults.reached("reserve.open")
-            yield view
-            kind = _KIND_DATA
-        finally:
-            view.release()
-            # The header goes last, as in append: until it is there, a crash leaves
-            # a zero header that recovery can recognise as an unfinished claim.
-            self._pack(self._view, at, n, kind, _MARK)
-            self._commit(slot, i, size)
-            if kind == _KIND_DATA:
-                self._records += 1
-                self._bytes += n
-            else:
-                self._abandoned += 1
+        if timeout is not None:
+            _check_timeout(timeout)
+        return _Reservation(self, n, timeout)
 
     # -- durability ----------------------------------------------------------------
 
@@ -736,6 +918,116 @@ class Ring:
     def max_record(self) -> int:
         """The largest payload, in bytes, that one record may carry."""
         return self._max_record
+
+
+class _Reservation:
+    """The context manager :meth:`Ring.reserve` returns (a class, not a
+    generator: it costs less than an append's own overhead)."""
+
+    __slots__ = ("_at", "_committed", "_i", "_n", "_ring", "_size", "_slot", "_timeout")
+
+    def __init__(self, ring: Ring, n: int, timeout: float | None) -> None:
+        self._ring = ring
+        self._n = n
+        self._timeout = timeout
+        self._slot: _ThreadSlot | None = None
+        self._at = self._i = self._committed = 0
+        self._size = _HDR + ((n + 7) & -8)
+
+    def __enter__(self) -> memoryview:
+        ring = self._ring
+        slot = ring._slot()
+        deadline = _deadline(self._timeout)
+        try:
+            at, i, committed = ring._claim(slot, self._size, deadline)
+            slot = ring._tls.slot
+            view = ring._view[at + _HDR : at + _HDR + self._n]
+            slot.reservation = view
+            ring._tls.reservation = self
+            self._slot, self._at, self._i, self._committed = slot, at, i, committed
+        except BaseException:
+            ring._interrupted(getattr(ring._tls, "slot", slot))
+            raise
+        if _faults.ENABLED:
+            _faults.reached("reserve.open")
+        return view
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        ring = self._ring
+        slot = self._slot
+        if slot is None:
+            return
+        self._slot = None
+        view, slot.reservation = slot.reservation, None
+        if view is None:
+            # close() settled this claim (abandoned) from another thread.
+            ring._tls.reservation = None
+            if exc_type is None:
+                raise _closed_during_reserve(ring.name)
+            return
+        try:
+            view.release()
+            kind = _KIND_DATA if exc_type is None else _KIND_ABANDONED
+            # The header goes last, as in append: until it is there, a crash leaves
+            # a zero header, and recovery abandons the range.
+            ring._pack(ring._view, self._at, self._n, kind, _MARK)
+            ring._commit(slot, self._i, self._committed, self._size)
+            if kind == _KIND_DATA:
+                ring._records += 1
+                ring._bytes += self._n
+            else:
+                ring._abandoned += 1
+        except BaseException:
+            ring._interrupted(slot)
+            raise
+        finally:
+            ring._tls.reservation = None
+
+
+def _closed_during_reserve(name: str) -> RingClosedError:
+    return RingClosedError(f"ring {name!r} was closed while a reserve() block was open")
+
+
+# What a closed handle's hot path reads instead of the ring: a non-zero status
+# word sends every call to the general path, which raises RingClosedError.
+_CLOSED_WORDS = memoryview(bytearray(L.HEADER_SIZE)).cast("Q")
+_CLOSED_WORDS[L.H_STATUS // 8] = L.STATUS_CLOSING
+_CLOSED_VIEW = memoryview(bytearray(0))
+# Code objects of the handle's methods: close() waits until no other thread runs
+# one of them on this handle (see Ring._wait_for_callers).
+_RING_CODES = frozenset(
+    getattr(f, "__wrapped__", f).__code__
+    for cls in (Ring, _Reservation)
+    for f in vars(cls).values()
+    if callable(f) and hasattr(getattr(f, "__wrapped__", f), "__code__")
+)
+# Handles unpickled in this process, by ring name: a ring passed to many pool
+# tasks attaches once per worker process, not once per task.
+_unpickled: dict[str, Ring] = {}
+_unpickled_lock = threading.Lock()
+
+
+def _unpickle(name: str) -> Ring:
+    """Rebuild a pickled ring: reuse this process's open handle on it, if any."""
+    with _unpickled_lock:
+        ring = _unpickled.get(name)
+        core = ring._core if ring is not None else None
+        if (
+            ring is not None
+            and core is not None
+            and ring._pid == os.getpid()
+            and not core.status() & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE)
+        ):
+            return ring
+        ring = attach(name)
+        _unpickled[name] = ring
+        return ring
+
+
+def _forget_attached(ring: Ring) -> None:
+    with _unpickled_lock:
+        if _unpickled.get(ring.name) is ring:
+            del _unpickled[ring.name]
 
 
 def _deadline(timeout: Any) -> float | None:

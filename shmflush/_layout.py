@@ -27,7 +27,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
     4096                         64 * lanes      lane table: +0 lane word (below)
     LANES_END                    64 * buffers    buffer descriptors (below)
     DESC_END                     64 * max_writers lease slots (below)
-    LEASES_END                   8 * max_writers * buffers   commit counters (below)
+    LEASES_END                   8 * (max_writers + 1) * buffers   commit counters (below)
     DATA (4096-aligned)          buffer_size * buffers   the buffers
 
 Every lane and descriptor owns a 64-byte cache line, so writers on different lanes
@@ -72,19 +72,28 @@ Lease slot (64 bytes)::
     +0  pid (0 = free; taken with a compare-and-swap)   +8  process start time
     +16 thread ident   +24 lane
     +32 intent: what the holder is in the middle of; 0 = nothing.  Low half bits
-        31..30 say what: 00 a claim, high half = fill number mod 2**32, low bits =
-        claim size (stored before the fetch-and-add, zeroed after the commit);
-        10 sealing, high half = buffer index; 11 rotating a lane.  Dead-writer
-        recovery reads it (see _flusher).
+        31..30 say what: 00 a claim (low bits = claim size, stored before the
+        fetch-and-add, zeroed after the commit); 10 sealing a fill; 11 rotating
+        a lane.  The high half is the low 32 bits of the lane word the claim was
+        made from: bits 63..48 the fill number mod 2**16, bits 47..32 the buffer
+        index (a seal's marker: the buffer index only).  A writer whose lane
+        word was stale still names the buffer it really claims in, so recovery
+        never takes a live writer's buffer.
+    +40 at: mapping offset of the claimed range once the claim is known to have
+        succeeded (stored before any byte of it is written); 0 = not known
+    +48 flags: ORPHANED (bit 0): the holder is alive but has given this slot
+        up with a claim it could not settle (an exception inside append);
+        recovery treats it as a dead writer's slot
 
 Commit counters (u64, lease-major: counter (k, i) at LEASES_END + 8 * (k * buffers + i))::
 
     bytes that lease slot k has committed into buffer i, over all its fills.  Only
     the slot's holder writes it, with a plain store after the record's bytes, so
     on x86-64 (total store order) a counter never runs ahead of the bytes it
-    covers.  A fill is complete when the column of buffer i sums to
-    ``base + used``.  Lease-major order keeps each writer's counters on its own
-    cache lines.
+    covers.  Row ``max_writers`` belongs to the flusher: dead-writer recovery
+    commits there what dead or orphaned writers left uncommitted.  A fill is
+    complete when the column of buffer i sums to ``base + used``.  Lease-major
+    order keeps each writer's counters on its own cache lines.
 
 Inside a buffer, the first 64 bytes are the segment header of the file format
 (``_format``); records start after it.
@@ -107,7 +116,7 @@ PAGE: Final = 4096
 LINE: Final = 64
 
 MAGIC: Final = b"SHMFLRNG"
-LAYOUT_VERSION: Final = 2
+LAYOUT_VERSION: Final = 3
 
 # Header fields: byte offsets of u64 words.
 H_MAGIC: Final = 0
@@ -182,7 +191,27 @@ L_START: Final = 8
 L_TID: Final = 16
 L_LANE: Final = 24
 L_INTENT: Final = 32
+L_AT: Final = 40
+L_FLAGS: Final = 48
+FLAG_ORPHANED: Final = 1 << 0
 INTENT_KIND_MASK: Final = 3 << 30
+INTENT_SIZE_MASK: Final = (1 << 30) - 1
+
+
+def claim_intent(lane_word: int, size: int) -> int:
+    """The intent of a claim of *size* bytes made from *lane_word*."""
+    return ((lane_word & 0xFFFFFFFF) << 32) | size
+
+
+def intent_buffer(intent: int) -> int:
+    return (intent >> 32) & LANE_INDEX_MASK
+
+
+def intent_fill_tag(intent: int) -> int:
+    """The claim's fill number mod 2**16 (compare with ``fill & 0xFFFF``)."""
+    return intent >> 48
+
+
 INTENT_SEALING: Final = 2 << 30
 INTENT_ROTATING: Final = 3 << 30
 
@@ -247,8 +276,13 @@ class Geometry:
         return self.leases_offset + LINE * self.max_writers
 
     @property
+    def recovery_row(self) -> int:
+        """The commit-counter row of the flusher (dead-writer recovery)."""
+        return self.max_writers
+
+    @property
     def data_offset(self) -> int:
-        end = self.commits_offset + 8 * self.max_writers * self.buffers
+        end = self.commits_offset + 8 * (self.max_writers + 1) * self.buffers
         return (end + PAGE - 1) // PAGE * PAGE
 
     @property
@@ -305,10 +339,10 @@ def check_geometry(buffer_size: int, buffers: int, lanes: int, max_writers: int)
         )
     if not 1 <= max_writers <= MAX_WRITERS:
         raise ValueError(f"max_writers must be between 1 and {MAX_WRITERS}, got {max_writers}")
-    if max_writers * buffers > MAX_COMMIT_COUNTERS:
+    if (max_writers + 1) * buffers > MAX_COMMIT_COUNTERS:
         raise ValueError(
-            f"max_writers * buffers must be at most {MAX_COMMIT_COUNTERS} (one commit "
-            f"counter each), got {max_writers} * {buffers}"
+            f"(max_writers + 1) * buffers must be at most {MAX_COMMIT_COUNTERS} (one commit "
+            f"counter each), got ({max_writers} + 1) * {buffers}"
         )
 
 

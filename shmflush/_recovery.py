@@ -4,30 +4,31 @@ A writer killed between its claim and its commit leaves a fill that can never
 complete: its bytes are counted in ``used`` but never committed.  Aeron's answer,
 which we follow, is to turn the dead claim into padding after a timeout.  We
 never take a range from a live process: a writer that is slow or stopped
-(SIGSTOP) keeps its claim for as long as it lives.
+(SIGSTOP) keeps its claim for as long as it lives.  A live writer that gave its
+slot up (ORPHANED: an exception interrupted it where it could not tell how far
+its claim had got) counts as dead.
 
 What recovery works from (see _layout and _ring):
 
 * every lease slot holds its owner's pid and start time, so a dead owner is
   certain, pid reuse included;
-* a writer's *intent* (fill, size) is in its slot from before its fetch-and-add
-  until after its commit; sealing and rotating writers leave markers too;
+* a writer's *intent* (buffer, size) is in its slot from before its
+  fetch-and-add until after its commit, and the claim's offset (``at``) from
+  the moment the claim is known to have succeeded, before any byte of it is
+  written; sealing and rotating writers leave markers too;
 * a record's header is written after its payload, and buffers are zeroed before
-  reuse, so a claim whose writer died before finishing has a zero header where
-  a record should start.
+  reuse.
 
-A stuck fill is resolved by walking its records from offset 0.  A valid header
-is a finished record.  A zero header is the start of a dead writer's claim, whose
-size one of the dead intents names; so may be a valid header, since a batch claim
-(append_many, append_array) holds several records and its writer may have died
-after finishing some of them.  The walk is a depth-first search over these
-choices, preferring records, and over the dead claims' sizes.  The unfinished
-part of each dead claim becomes an ABANDONED record, and the whole claim is
-committed on the dead slot's behalf.  A finished record whose writer died
-before committing is committed likewise.  If the fill was never closed (the dead
-writer was its closer), its used length is the furthest point the walk can reach
-such that everything after it is still zero: valid claims tile the record area
-from 0, and claims past ``used`` never write.
+So a dead claim is either *known* (its offset is in the lease: its finished
+records are kept, the rest of the range becomes an ABANDONED record) or
+*unknown* (the writer died between its fetch-and-add and storing the offset:
+it wrote nothing, and its range, if it got one, is still zero).  Zero words are
+padding in the file format, so an unknown claim needs no finding: recovery
+commits whatever the fill lacks (``used`` minus the commit counters) in the
+flusher's own commit row.  A fill whose closer died before storing its extent
+is closed with ``used`` = capacity: everything past the last real claim is zero,
+hence padding.  No walk over the fill's records, so recovery costs the same for
+the largest buffer as for the smallest.
 """
 
 from __future__ import annotations
@@ -35,25 +36,21 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from . import _format, _proc
 from . import _layout as L
+from . import _proc
 from ._atomic import SEQ_CST, compare_exchange, fetch_or
 from ._ring import Ring
-
-_HEADER = _format.RECORD_HEADER
-_VALID_KINDS = (_format.KIND_DATA, _format.KIND_ABANDONED)
-_TAG_MASK = 0xFFFFFFFF
 
 
 @dataclass
 class _Leases:
     """One scan of the lease table."""
 
-    live_claims: set[int] = field(default_factory=set)  # fill tags
+    live_claims: set[int] = field(default_factory=set)  # buffer indexes
     live_sealing: set[int] = field(default_factory=set)  # buffer indexes
     live_rotating: bool = False
-    # fill tag -> [(slot, claim size)]
-    dead_claims: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # buffer index -> [(slot, claim size, at or 0)]
+    dead_claims: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     dead_sealing: dict[int, list[int]] = field(default_factory=dict)  # buffer -> slots
     dead_rotating: list[int] = field(default_factory=list)  # slots
 
@@ -92,6 +89,13 @@ class Recovery:
                 out.append(i)
         return out
 
+    def _dead(self, k: int, pid: int) -> bool:
+        words = self.ring.words
+        at = self.ring.geometry.lease(k)
+        if words[(at + L.L_FLAGS) // 8] & L.FLAG_ORPHANED:
+            return True
+        return not _proc.is_alive(pid, words[(at + L.L_START) // 8])
+
     def scan_leases(self) -> _Leases:
         ring = self.ring
         g = ring.geometry
@@ -103,23 +107,32 @@ class Recovery:
             if not pid:
                 continue
             intent = words[(at + L.L_INTENT) // 8]
-            alive = _proc.is_alive(pid, words[(at + L.L_START) // 8])
             kind = intent & L.INTENT_KIND_MASK
-            if alive:
+            buffer = L.intent_buffer(intent)
+            if not self._dead(k, pid):
                 if kind == L.INTENT_ROTATING:
                     out.live_rotating = True
                 elif kind == L.INTENT_SEALING:
-                    out.live_sealing.add(intent >> 32)
+                    out.live_sealing.add(buffer)
                 elif intent:
-                    out.live_claims.add(intent >> 32)
+                    out.live_claims.add(buffer)
                 continue
             if kind == L.INTENT_ROTATING:
                 out.dead_rotating.append(k)
             elif kind == L.INTENT_SEALING:
-                out.dead_sealing.setdefault(intent >> 32, []).append(k)
+                out.dead_sealing.setdefault(buffer, []).append(k)
             elif intent:
-                size = intent & _TAG_MASK & ~L.INTENT_KIND_MASK
-                out.dead_claims.setdefault(intent >> 32, []).append((k, size))
+                if buffer >= g.buffers:
+                    self._free(k, pid)  # corrupt: never index out of range
+                    continue
+                if L.intent_fill_tag(intent) != words[ring.fill_w[buffer]] & 0xFFFF:
+                    # A claim on an earlier fill (settled long ago, or a stale
+                    # lane word): nothing of the current fill.
+                    self._free(k, pid)
+                    continue
+                size = intent & L.INTENT_SIZE_MASK
+                claim_at = words[(at + L.L_AT) // 8]
+                out.dead_claims.setdefault(buffer, []).append((k, size, claim_at))
             else:
                 self._free(k, pid)
         return out
@@ -135,7 +148,7 @@ class Recovery:
         ring = self.ring
         g = ring.geometry
         words = ring.words
-        pending: set[int] = set()
+        busy: set[int] = set()
         reserved = False
         unclosed: set[int] = set()
         for i in range(g.buffers):
@@ -143,22 +156,30 @@ class Recovery:
             if st & L.RESERVED:
                 reserved = True
             if not st & L.IDLE:
-                pending.add(words[ring.fill_w[i]] & _TAG_MASK)
+                busy.add(i)
             if st & L.SEALED and not st & (L.CLOSED | L.IDLE | L.RESERVED):
                 unclosed.add(i)
         for k in range(g.max_writers):
             at = g.lease(k)
             pid = words[(at + L.L_PID) // 8]
-            if not pid or _proc.is_alive(pid, words[(at + L.L_START) // 8]):
+            if not pid or not self._dead(k, pid):
                 continue
             intent = words[(at + L.L_INTENT) // 8]
             kind = intent & L.INTENT_KIND_MASK
             if kind == L.INTENT_ROTATING:
                 matters = reserved
             elif kind == L.INTENT_SEALING:
-                matters = (intent >> 32) in unclosed
+                matters = L.intent_buffer(intent) in unclosed
             else:
-                matters = bool(intent) and (intent >> 32) in pending
+                # A claim matters while its buffer holds the fill it was made on
+                # and that fill is not yet taken.
+                i = L.intent_buffer(intent)
+                matters = (
+                    bool(intent)
+                    and i in busy
+                    and i < g.buffers
+                    and L.intent_fill_tag(intent) == words[ring.fill_w[i]] & 0xFFFF
+                )
             if not matters:
                 self._free(k, pid)
 
@@ -166,7 +187,11 @@ class Recovery:
         ring = self.ring
         at = ring.geometry.lease(k)
         ring.words[(at + L.L_INTENT) // 8] = 0
+        ring.words[(at + L.L_AT) // 8] = 0
         compare_exchange(ring.base + at + L.L_PID, pid, 0)
+
+    def _free_slot(self, k: int) -> None:
+        self._free(k, self.ring.words[(self.ring.geometry.lease(k) + L.L_PID) // 8])
 
     def run(self, now: float) -> None:
         stuck = self.stuck(now)
@@ -176,25 +201,24 @@ class Recovery:
         ring = self.ring
         for i in stuck:
             st = ring.state(i)
-            fill = ring.words[ring.fill_w[i]]
-            tag = fill & _TAG_MASK
             if st & L.RESERVED:
                 self._reservation(i, leases)
                 continue
-            if tag in leases.live_claims or i in leases.live_sealing:
+            if i in leases.live_claims or i in leases.live_sealing:
                 continue  # a live writer is still at it: never take its range
-            dead = leases.dead_claims.get(tag, [])
+            dead = leases.dead_claims.get(i, [])
+            sealers = leases.dead_sealing.get(i, [])
             if not st & L.SEALED:
                 if dead:
                     ring.seal(i)  # closes it unless a dead writer had crossed capacity
                 continue  # next pass sees it sealed (or closed)
-            if self._resolve(i, fill, dead):
+            if self._resolve(i, dead):
                 self.ring.header_add(L.H_RECOVERED, 1)
                 self.seen.pop(i, None)
-                for k, _ in dead:
-                    self._free(k, ring.words[(ring.geometry.lease(k) + L.L_PID) // 8])
-                for k in leases.dead_sealing.get(i, []):
-                    self._free(k, ring.words[(ring.geometry.lease(k) + L.L_PID) // 8])
+                for k, _, _ in dead:
+                    self._free_slot(k)
+                for k in sealers:
+                    self._free_slot(k)
 
     def _reservation(self, j: int, leases: _Leases) -> None:
         """Buffer *j* stayed RESERVED: its rotator died between reserving it and
@@ -209,141 +233,58 @@ class Recovery:
         else:
             ring._unreserve(j)
         for k in leases.dead_rotating:
-            self._free(k, ring.words[(ring.geometry.lease(k) + L.L_PID) // 8])
+            self._free_slot(k)
         self.ring.header_add(L.H_RECOVERED, 1)
 
     # -- resolving one fill --------------------------------------------------------
 
-    def _resolve(self, i: int, fill: int, dead: list[tuple[int, int]]) -> bool:
+    def _resolve(self, i: int, dead: list[tuple[int, int, int]]) -> bool:
+        """Settle the stuck, sealed fill of buffer *i*, whose only unfinished
+        claims are *dead* ones (no live writer has a claim or seal on *i*)."""
         ring = self.ring
         words = ring.words
         st = ring.state(i)
+        fill = words[ring.fill_w[i]]
         closed = bool(st & L.CLOSED)
         # A closer that died after storing the extent but before CLOSED: its
         # address is taken from next_address already, so keep it (no gap).
         extent_stored = closed or words[ring.extent_of_w[i]] == fill
-        used = words[ring.used_w[i]] if extent_stored else None
-        if used is not None and used > ring.capacity:
+        used = words[ring.used_w[i]] if extent_stored else ring.capacity
+        if used > ring.capacity:
             return False
-        sizes = [size for _, size in dead]
-        plan = self._walk(i, sizes, used)
-        if plan is None:
+        start = ring.records_at[i]
+        # Known claims: keep their finished records, abandon the rest.  Offsets
+        # come from shared memory, so check them before writing anything.
+        for _, size, claim_at in dead:
+            end = claim_at + size
+            if not claim_at:
+                continue  # unknown: it wrote nothing; its zeros are padding
+            if claim_at % 8 or claim_at < start or end > start + used:
+                print(
+                    f"shmflush: ring {ring.name!r}: buffer {i}: a dead claim at {claim_at} "
+                    f"of {size} bytes lies outside the fill; left as it is",
+                    file=sys.stderr,
+                )
+                return False
+            first = ring.finished_prefix(claim_at, end)
+            if first < end:
+                ring.abandon(first, end - first)
+        if not extent_stored:
+            ring._close_fill(i, used)
+        if not closed:
+            fetch_or(ring.state_addr[i], L.CLOSED, SEQ_CST)
+        # Whatever the fill lacks is dead writers' (abandoned or still zero):
+        # commit it in the flusher's row, which nobody else writes.
+        deficit = (used - ring.committed(i)) & L.WORD_MASK
+        if deficit > ring.capacity:
             print(
-                f"shmflush: ring {ring.name!r}: buffer {i} fill {fill} is stuck and its "
-                "records do not match the dead writers' claims; left as it is",
+                f"shmflush: ring {ring.name!r}: buffer {i} fill {fill} has more committed "
+                f"than used ({used}); left as it is",
                 file=sys.stderr,
             )
             return False
-        end, holes = plan
-        start = ring.records_at[i]
-        owners = list(dead)
-        for at, size in holes:
-            slot = next(k for k, s in owners if s == size)
-            owners.remove((slot, size))
-            # Keep the claim's finished records (the head of a batch); abandon
-            # the rest of the claim from the first unfinished one.
-            first_unfinished = self._finished_prefix(start + at, start + at + size)
-            if first_unfinished < start + at + size:
-                ring.abandon(first_unfinished, start + at + size - first_unfinished)
-            self._commit(slot, i, size)
-        if not extent_stored:
-            ring._close_fill(i, end)
-            used = end
-        if not closed:
-            fetch_or(ring.state_addr[i], L.CLOSED, SEQ_CST)
-        assert used is not None
-        deficit = (used - ring.committed(i)) & L.WORD_MASK
-        if deficit and deficit <= ring.capacity and dead:
-            # Finished records of writers that died before committing them.
-            self._commit(dead[0][0], i, deficit)
+        if deficit:
+            w = ring.geometry.commit(ring.geometry.recovery_row, i) // 8
+            words[w] = (words[w] + deficit) & L.WORD_MASK
         ring.wake_flusher()
         return True
-
-    def _plausible_claim(self, at: int, end: int) -> bool:
-        """Could [at, end) be one dead writer's claim?
-
-        Its finished records form a prefix (records are finished in order); after
-        the first unfinished one there is no valid record header.  A stretch that
-        has one is covering somebody else's finished record, which recovery must
-        never abandon: with several dead claims in one fill, a wrong choice of
-        size could otherwise swallow a live writer's record that lies between
-        them (found by the 10-minute soak).
-        """
-        view = self.ring.view
-        q = self._finished_prefix(at, end) + _format.RECORD_ALIGN
-        while q + _format.RECORD_HEADER_SIZE <= end:
-            length, kind, mark = _HEADER.unpack_from(view, q)
-            if (
-                mark == _format.RECORD_MARK
-                and kind in _VALID_KINDS
-                and q + _format.record_size(length) <= end
-            ):
-                return False
-            q += _format.RECORD_ALIGN
-        return True
-
-    def _finished_prefix(self, at: int, end: int) -> int:
-        """The offset of the first unfinished record in the claim [at, end)."""
-        view = self.ring.view
-        while at + _format.RECORD_HEADER_SIZE <= end:
-            length, kind, mark = _HEADER.unpack_from(view, at)
-            size = _format.record_size(length)
-            if mark != _format.RECORD_MARK or kind not in _VALID_KINDS or at + size > end:
-                break
-            at += size
-        return at
-
-    def _commit(self, slot: int, i: int, size: int) -> None:
-        ring = self.ring
-        w = ring.geometry.commit(slot, i) // 8
-        ring.words[w] = (ring.words[w] + size) & L.WORD_MASK
-
-    def _walk(
-        self, i: int, sizes: list[int], used: int | None
-    ) -> tuple[int, list[tuple[int, int]]] | None:
-        """Find how the record area of buffer *i* splits into finished records and
-        dead claims of the given *sizes*.
-
-        With *used* known, the walk must end exactly there.  Otherwise the end is
-        the furthest point after which the buffer is all zeros.  Returns (end,
-        holes as (offset, size)), or None if no split fits.
-        """
-        ring = self.ring
-        view = ring.view
-        start = ring.records_at[i]
-        limit = ring.capacity if used is None else used
-        best: tuple[int, list[tuple[int, int]]] | None = None
-
-        def rest_is_zero(p: int) -> bool:
-            return not any(view[start + p : start + ring.capacity])
-
-        def visit(p: int, left: list[int], holes: list[tuple[int, int]]) -> bool:
-            nonlocal best
-            if used is not None and p == used:
-                best = (p, list(holes))
-                return True
-            if used is None and (best is None or p > best[0]) and rest_is_zero(p):
-                best = (p, list(holes))
-            if p + _format.RECORD_HEADER_SIZE <= limit:
-                length, kind, mark = _HEADER.unpack_from(view, start + p)
-                if mark == _format.RECORD_MARK and kind in _VALID_KINDS:
-                    # A finished record; try it as one first, so that finished
-                    # records stay records whenever the rest still fits.
-                    end = p + _format.record_size(length)
-                    if end <= limit and visit(end, left, holes):
-                        return True
-            # A dead claim starting here.  It may begin with finished records:
-            # one claim of append_many or append_array holds a whole batch, and
-            # its writer may have died after writing only part of it.
-            for size in sorted(set(left), reverse=True):
-                if p + size <= limit and self._plausible_claim(start + p, start + p + size):
-                    rest = list(left)
-                    rest.remove(size)
-                    holes.append((p, size))
-                    if visit(p + size, rest, holes):
-                        return True
-                    holes.pop()
-            return False
-
-        visit(0, sizes, [])
-        return best

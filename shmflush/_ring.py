@@ -129,8 +129,8 @@ class Ring:
         self.durable_w = [(g.descriptor(i) + L.D_DURABLE) // 8 for i in range(n)]
         # commits[k, i]: lease k's commit counter for buffer i (see _layout).
         self.commits: np.ndarray[Any, np.dtype[np.uint64]] | None = np.frombuffer(
-            mm, dtype=np.uint64, count=g.max_writers * n, offset=g.commits_offset
-        ).reshape(g.max_writers, n)
+            mm, dtype=np.uint64, count=(g.max_writers + 1) * n, offset=g.commits_offset
+        ).reshape(g.max_writers + 1, n)
         # The whole mapping as bytes, for vectorised writes (append_array).
         self.u8: np.ndarray[Any, np.dtype[np.uint8]] | None = np.frombuffer(mm, dtype=np.uint8)
         # Byte offset of the first record of each buffer.
@@ -140,6 +140,10 @@ class Ring:
         self.lane_addr = [base + g.lane(k) for k in range(g.lanes)]
         self.status_w = L.H_STATUS // 8
         self.waits = 0  # times this handle blocked for space (Stats.waits)
+        self._lease_hint = 0
+        # Set when the API handle that owns this mapping is closed: every wait
+        # and every general-path claim then raises RingClosedError.
+        self.handle_closed = False
         # Set by the API layer: starts a new flusher process (layers above us
         # know how to spawn one; we only know when one is needed).
         self.restart_flusher: Callable[[], None] | None = None
@@ -215,6 +219,8 @@ class Ring:
 
     def check_status(self) -> None:
         """Raise if the ring can no longer accept records."""
+        if self.handle_closed:
+            raise RingClosedError(f"ring {self.name!r} is closed")
         status = self.words[self.status_w]
         if status & L.STATUS_BROKEN:
             raise self.broken_error()
@@ -339,6 +345,80 @@ class Ring:
             self.view, at, size - _format.RECORD_HEADER_SIZE, _format.KIND_ABANDONED
         )
 
+    def claim_succeeded(self, old: int, size: int) -> bool:
+        """Did a claim of *size* bytes whose fetch-and-add returned *old* get its
+        range?  (Unsealed, and the range fits; the fill check is separate.)"""
+        return not old & L.SEALED and (old >> L.OFFSET_SHIFT) + size <= self.capacity
+
+    def finished_prefix(self, at: int, end: int) -> int:
+        """The mapping offset of the first unfinished record in the claimed range
+        [at, end), or *end* if every record in it is finished.
+
+        A claim holds one record (append, reserve) or a batch (append_many,
+        append_array).  Records are finished in order and each header is
+        written after its payload into bytes that were zero, so the headers met
+        here are all real: a crafted payload cannot be read as one.
+        """
+        view = self.view
+        while at + _format.RECORD_HEADER_SIZE <= end:
+            length, kind, mark = _format.RECORD_HEADER.unpack_from(view, at)
+            size = _format.record_size(length)
+            if (
+                mark != _format.RECORD_MARK
+                or kind not in (_format.KIND_DATA, _format.KIND_ABANDONED)
+                or at + size > end
+            ):
+                break
+            at += size
+        return at
+
+    def settle_claim(  # noqa: PLR0917  (the claim's whole state, as the writer had it)
+        self, k: int, i: int, old: int, committed: int, size: int, fill: int
+    ) -> bool:
+        """Settle lease slot *k*'s claim after an exception interrupted its writer.
+
+        The claim was *size* bytes on buffer *i*, whose lane word named fill
+        *fill*; its fetch-and-add returned *old* (-1: unknown) and the slot's
+        commit counter for *i* was *committed* before it.  A claim that got its
+        range ends committed: its records are kept if they were finished, else
+        the range becomes an ABANDONED record.  A rejected claim holds nothing.
+        Every step is idempotent, so a settle that is itself interrupted can run
+        again.  Returns False where only recovery can settle it (the outcome of
+        the fetch-and-add is unknown, or the claim crossed capacity and so must
+        close its fill): the caller then orphans the slot.
+        """
+        words = self.words
+        g = self.geometry
+        lease = g.lease(k)
+        intent_w = (lease + L.L_INTENT) // 8
+        at_w = (lease + L.L_AT) // 8
+        if not words[intent_w]:
+            return True
+        if old < 0:
+            return False
+        off = old >> L.OFFSET_SHIFT
+        if not self.claim_succeeded(old, size):
+            if not old & L.SEALED and off <= self.capacity:
+                return False  # the crossing claim: its fill waits for a closer
+            words[intent_w] = 0
+            self.reject(i, old)
+            return True
+        at = self.records_at[i] + off
+        words[at_w] = at
+        cw = g.commit(k, i) // 8
+        target = (committed + size) & L.WORD_MASK
+        if words[cw] != target:
+            end = at + size
+            # A stale claim (in a recycled buffer) is never data.
+            stale = words[self.fill_w[i]] != fill
+            first = at if stale else self.finished_prefix(at, end)
+            if first < end:
+                self.abandon(first, end - first)
+            words[cw] = target
+        words[at_w] = 0
+        words[intent_w] = 0
+        return True
+
     def claim_large(self, i: int, size: int) -> int:
         """Claim *size* bytes with compare-and-swap (no overshoot).  Returns the offset,
         or -1 after sealing a fill the record does not fit in, or -2 if sealed."""
@@ -427,25 +507,37 @@ class Ring:
         j = self._reserve(prefer=lane_word & L.LANE_INDEX_MASK)
         if j < 0:
             return NO_SPACE
-        if _faults.ENABLED:
-            _faults.reached("rotate.reserved")
-        if self.words[self.status_w] & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
-            # Checked again after reserving: the flusher's final drain either sees
-            # this buffer RESERVED (and waits) or we see CLOSING here (and back off),
-            # so no fill opens after the last drain.
-            self._unreserve(j)
-            return NO_SPACE
-        fill = int(_fetch_add(self.base + L.H_FILL_COUNTER, 1, SEQ_CST))
-        # Plain store, published by the lane CAS below (and by the open CAS to
-        # anyone who claims in this buffer).
-        self.words[self.fill_w[j]] = fill
-        ok, _ = _cas(self.lane_addr[lane], lane_word, L.lane_word(fill, j))
-        if not ok:
-            self._unreserve(j)
-        else:
+        installed = False
+        try:
+            if _faults.ENABLED:
+                _faults.reached("rotate.reserved")
+            if self.words[self.status_w] & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
+                # Checked again after reserving: the flusher's final drain either
+                # sees this buffer RESERVED (and waits) or we see CLOSING here (and
+                # back off), so no fill opens after the last drain.
+                self._unreserve(j)
+                return NO_SPACE
+            fill = int(_fetch_add(self.base + L.H_FILL_COUNTER, 1, SEQ_CST))
+            # Plain store, published by the lane CAS below (and by the open CAS to
+            # anyone who claims in this buffer).
+            self.words[self.fill_w[j]] = fill
+            installed, _ = _cas(self.lane_addr[lane], lane_word, L.lane_word(fill, j))
+            if not installed:
+                self._unreserve(j)
+                return MOVED
             if _faults.ENABLED:
                 _faults.reached("rotate.installed")
             self._open(j)
+        except BaseException:
+            # An exception (Ctrl-C, a signal handler) between reserving and
+            # opening: finish or undo, so the buffer is not left RESERVED until
+            # recovery notices.  Both steps are idempotent compare-and-swaps.
+            if self.state(j) & L.RESERVED:
+                if installed:
+                    self._open(j)
+                else:
+                    self._unreserve(j)
+            raise
         return MOVED
 
     def advance(self, lane: int, lane_word: int, deadline: float | None, intent_w: int) -> None:
@@ -526,30 +618,44 @@ class Ring:
     def acquire_lease(self) -> int:
         """Take a lease slot for the calling thread; returns its index.
 
-        Dead holders (pid gone or reused) are reclaimed.  The slot bounds how many
-        claims can be in flight, which the overshoot bound relies on.
+        Slots of dead holders (pid gone or reused) and slots given up by live
+        holders (ORPHANED) are reclaimed once they hold no claim.  The slot
+        bounds how many claims can be in flight, which the overshoot bound
+        relies on.
         """
         g = self.geometry
+        words = self.words
         pid = os.getpid()
-        started = _proc.start_time(pid)
-        tid = threading.get_ident()
+        started = _own_start_time()
+        tid = threading.get_native_id()
+        n = g.max_writers
+        # Start where the last acquisition in this process ended: with thread
+        # churn the low slots are the busy ones.
+        first = self._lease_hint % n
         for reclaim in (False, True):
-            for k in range(g.max_writers):
+            for step in range(n):
+                k = (first + step) % n
                 at = g.lease(k)
-                holder = self.words[(at + L.L_PID) // 8]
+                holder = words[(at + L.L_PID) // 8]
                 # A dead holder's slot is reusable once it has no claim in flight
                 # (its counters stay valid: the next holder keeps adding to them).
                 if holder and (
                     not reclaim
-                    or self.words[(at + L.L_INTENT) // 8]
-                    or _proc.is_alive(holder, self.words[(at + L.L_START) // 8])
+                    or words[(at + L.L_INTENT) // 8]
+                    or (
+                        not words[(at + L.L_FLAGS) // 8] & L.FLAG_ORPHANED
+                        and _proc.is_alive(holder, words[(at + L.L_START) // 8])
+                    )
                 ):
                     continue
                 ok, _ = _cas(self.base + at + L.L_PID, holder, pid)
                 if ok:
-                    self.words[(at + L.L_START) // 8] = started
-                    self.words[(at + L.L_TID) // 8] = tid
-                    self.words[(at + L.L_LANE) // 8] = k % g.lanes
+                    words[(at + L.L_START) // 8] = started
+                    words[(at + L.L_TID) // 8] = tid
+                    words[(at + L.L_LANE) // 8] = k % g.lanes
+                    words[(at + L.L_AT) // 8] = 0
+                    words[(at + L.L_FLAGS) // 8] = 0
+                    self._lease_hint = k + 1
                     return k
         raise ShmflushError(
             f"ring {self.name!r}: all {g.max_writers} writer slots are taken by live "
@@ -557,9 +663,30 @@ class Ring:
         )
 
     def release_lease(self, k: int) -> None:
+        """Give slot *k* back.  Its holder must have no claim in flight."""
         at = self.geometry.lease(k)
         self.words[(at + L.L_TID) // 8] = 0
         _atomic.store(self.base + at + L.L_PID, 0, SEQ_CST)
+
+    def orphan_lease(self, k: int) -> None:
+        """Give slot *k* up with whatever claim it has in flight: recovery settles
+        it as if its holder had died (see _recovery), then frees the slot.  Used
+        when an exception interrupted a claim at a point where the holder cannot
+        tell how far it got."""
+        at = self.geometry.lease(k)
+        self.words[(at + L.L_FLAGS) // 8] = L.FLAG_ORPHANED
+        self.wake_flusher()
+
+
+_start_time_cache: list[int] = [0, 0]  # [pid, start time]
+
+
+def _own_start_time() -> int:
+    """This process's start time (cached per pid: a forked child has its own)."""
+    pid = os.getpid()
+    if _start_time_cache[0] != pid:
+        _start_time_cache[:] = [pid, _proc.start_time(pid)]
+    return _start_time_cache[1]
 
 
 def attach_ring(name: str) -> Ring:

@@ -67,7 +67,7 @@ def geometries(draw: st.DrawFn) -> Geometry:
         buffer_size=PAGE * draw(st.integers(MIN_BUFFER_SIZE // PAGE, MAX_BUFFER_SIZE // PAGE)),
         buffers=buffers,
         lanes=draw(st.integers(1, buffers - 1)),
-        max_writers=draw(st.integers(1, min(MAX_WRITERS, MAX_COMMIT_COUNTERS // buffers))),
+        max_writers=draw(st.integers(1, min(MAX_WRITERS, MAX_COMMIT_COUNTERS // buffers - 1))),
     )
 
 
@@ -209,7 +209,7 @@ def test_descriptor_and_lease_fields_fit_in_one_line(prefix: str) -> None:
 @given(geometries(), st.data())
 @example(Geometry(PAGE, 2, 1, 1), None)
 @example(
-    Geometry(MAX_BUFFER_SIZE, MAX_BUFFERS, MAX_BUFFERS - 1, MAX_COMMIT_COUNTERS // MAX_BUFFERS),
+    Geometry(MAX_BUFFER_SIZE, MAX_BUFFERS, MAX_BUFFERS - 1, MAX_COMMIT_COUNTERS // MAX_BUFFERS - 1),
     None,
 )
 def test_geometry_regions_are_in_order_and_do_not_overlap(
@@ -221,8 +221,9 @@ def test_geometry_regions_are_in_order_and_do_not_overlap(
     assert g.lane(g.lanes - 1) + LINE == g.descriptors_offset
     assert g.descriptor(g.buffers - 1) + LINE == g.leases_offset
     assert g.lease(g.max_writers - 1) + LINE == g.commits_offset
-    commits_end = g.commit(g.max_writers - 1, g.buffers - 1) + 8
-    assert commits_end == g.commits_offset + 8 * g.max_writers * g.buffers
+    # One row per lease slot, plus the flusher's row (recovery commits there).
+    commits_end = g.commit(g.recovery_row, g.buffers - 1) + 8
+    assert commits_end == g.commits_offset + 8 * (g.max_writers + 1) * g.buffers
     assert commits_end <= g.data_offset < commits_end + PAGE
     assert g.buffer(0) == g.data_offset
     assert g.buffer(g.buffers - 1) + g.buffer_size == g.total_size

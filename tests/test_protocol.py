@@ -316,12 +316,14 @@ def _dead_claim(core: Core, k: int, lane_word: int, size: int) -> int:
     from shmflush import _atomic
 
     i = lane_word & L.LANE_INDEX_MASK
-    at = core.geometry.lease(k)
-    core.words[(at + L.L_PID) // 8] = _dead_pid()
-    fill = lane_word >> L.LANE_FILL_SHIFT
-    core.words[(at + L.L_INTENT) // 8] = ((fill & 0xFFFFFFFF) << 32) | size
+    lease = core.geometry.lease(k)
+    core.words[(lease + L.L_PID) // 8] = _dead_pid()
+    core.words[(lease + L.L_INTENT) // 8] = L.claim_intent(lane_word, size)
     old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
-    return core.records_at[i] + (old >> 32)
+    at = core.records_at[i] + (old >> 32)
+    # As a writer does: the offset is in the lease before any byte is written.
+    core.words[(lease + L.L_AT) // 8] = at
+    return at
 
 
 def test_dead_writer_mid_batch_is_recovered_keeping_its_finished_records(bare: Bare) -> None:
