@@ -1276,6 +1276,19 @@ _detached: list[subprocess.Popen[bytes]] = []
 
 
 @atexit.register
+def _settle_at_exit() -> None:
+    # Registered first, so it runs last (after the owned rings are closed): a
+    # claim an exception left in flight in an attached handle is settled at
+    # interpreter exit rather than waiting for recovery.
+    for ring in list(_live_rings):
+        if ring._pid != os.getpid() or ring._core is None:
+            continue
+        for slot in list(ring._slots):
+            with suppress(Exception):
+                slot.settle()
+
+
+@atexit.register
 def _close_owned_rings() -> None:
     # An owner that exits without close() would leave its records in shared memory;
     # drain them like multiprocessing joins its children at exit.
