@@ -22,8 +22,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from multiprocessing import forkserver, resource_tracker
+from pathlib import Path
 
 import pytest
+from bare import Bare, make_bare
 
 from shmflush import _layout
 
@@ -188,3 +190,15 @@ def _no_leaks() -> Iterator[None]:
 def ring_name() -> str:
     """A ring name no other test (or test run) uses."""
     return f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def bare(ring_name: str, tmp_path: Path) -> Iterator[Bare]:
+    """A bare ring (tests/bare.py) on a file in tmp_path, removed afterwards."""
+    b = make_bare(ring_name, tmp_path / "p.log")
+    try:
+        yield b
+    finally:
+        b.ring.close()
+        os.close(b.fd)
+        _layout.unlink_segment(ring_name)

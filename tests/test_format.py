@@ -193,7 +193,7 @@ def test_parse_segment_header_reports_each_check() -> None:
     cases = {
         "bad magic": craft_header(magic=b"SHMFLSEH"),
         "unsupported format version 3": craft_header(version=3),
-            "unsupported format version 1": craft_header(version=1),
+        "unsupported format version 1": craft_header(version=1),
         "header size 128, expected 64": craft_header(header_size=128),
         "header CRC mismatch": craft_header(used=16, header_crc=1234),
         "used length 12 is not a multiple of 8": craft_header(used=12),

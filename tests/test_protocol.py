@@ -11,72 +11,15 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bare import Bare, dead_claim, dead_pid, make_bare
 
 import shmflush
-from shmflush import _format, _proc
+from shmflush import _format
 from shmflush import _layout as L
-from shmflush._api import Ring
-from shmflush._flusher import Flusher
 from shmflush._ring import MOVED
-from shmflush._ring import Ring as Core
-
-
-@dataclass
-class Bare:
-    core: Core
-    ring: Ring
-    flusher: Flusher
-    path: Path
-    fd: int
-
-    def flush(self) -> None:
-        """One flusher pass, without the time-based seal."""
-        self.flusher.take_ready()
-        self.flusher.flush_pending(0.0)
-
-    def records(self) -> list[bytes]:
-        return list(shmflush.read(self.path))
-
-
-def make_bare(
-    name: str, path: Path, buffer_size: int = 8192, buffers: int = 4, lanes: int = 1
-) -> Bare:
-    g = L.Geometry(buffer_size, buffers, lanes, 16)
-    mm = L.create_segment(name, g.total_size, 0o600, exist_ok=False)
-    view = memoryview(mm)
-    L.init_header(
-        view,
-        g,
-        sync=0,
-        flush_interval_ns=10**9,
-        owner=os.getpid(),
-        owner_start=_proc.start_time(os.getpid()),
-        next_address=0,
-        next_seq=0,
-    )
-    view.release()
-    core = Core(name, mm, g)
-    core.create_semaphores(0o600)
-    # "The flusher" is this process: writers that wait check that it is alive.
-    core.set_header(L.H_FLUSHER_PID, os.getpid())
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    return Bare(core, Ring(core), Flusher(core, fd), path, fd)
-
-
-@pytest.fixture
-def bare(ring_name: str, tmp_path: Path) -> Iterator[Bare]:
-    b = make_bare(ring_name, tmp_path / "p.log")
-    try:
-        yield b
-    finally:
-        b.ring.close()
-        os.close(b.fd)
-        L.unlink_segment(ring_name)
 
 
 def test_sealer_payload_is_not_dropped(bare: Bare) -> None:
@@ -301,31 +244,6 @@ def test_failed_write_keeps_buffer_and_breaks_ring(
     assert bare.core.state(i) & L.IDLE
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def _dead_claim(core: Core, k: int, lane_word: int, size: int) -> int:
-    """Give lease slot *k* to a dead process with a claim of *size* bytes in the
-    lane's fill, and make the claim; returns its byte offset in the mapping."""
-    from shmflush import _atomic
-
-    i = lane_word & L.LANE_INDEX_MASK
-    lease = core.geometry.lease(k)
-    core.words[(lease + L.L_PID) // 8] = _dead_pid()
-    core.words[(lease + L.L_INTENT) // 8] = L.claim_intent(lane_word, size)
-    old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
-    at = core.records_at[i] + (old >> 32)
-    # As a writer does: the offset is in the lease before any byte is written.
-    core.words[(lease + L.L_AT) // 8] = at
-    return at
-
-
 def test_dead_writer_mid_batch_is_recovered_keeping_its_finished_records(bare: Bare) -> None:
     # A batch claim (append_many) holds several records; its writer died after
     # finishing the first and half-writing the second.  Recovery must find the
@@ -338,7 +256,7 @@ def test_dead_writer_mid_batch_is_recovered_keeping_its_finished_records(bare: B
     i = lane_word & L.LANE_INDEX_MASK
     # The dead writer's slot: a dead pid, its intent, its claim of two records.
     at = core.geometry.lease(9)
-    first = _dead_claim(core, 9, lane_word, _format.record_size(100) * 2)
+    first = dead_claim(core, 9, lane_word, _format.record_size(100) * 2)
     core.view[first + 8 : first + 108] = b"1" * 100
     _format.pack_record_header(core.view, first, 100)
     second = first + _format.record_size(100)
@@ -379,7 +297,7 @@ def test_sweep_frees_dead_slots_whose_intent_no_longer_matters(bare: Bare) -> No
     }
     for k, intent in stale.items():
         at = g.lease(k)
-        core.words[(at + L.L_PID) // 8] = _dead_pid()
+        core.words[(at + L.L_PID) // 8] = dead_pid()
         core.words[(at + L.L_INTENT) // 8] = intent
     Recovery(core).sweep()
     for k in stale:
@@ -423,10 +341,10 @@ def test_recovery_never_abandons_a_record_between_two_dead_claims(bare: Bare) ->
     lane_word = core.words[core.lane_w[0]]
     i = lane_word & L.LANE_INDEX_MASK
     unit = _format.record_size(24)
-    a = _dead_claim(core, 9, lane_word, unit)
+    a = dead_claim(core, 9, lane_word, unit)
     core.view[a + 8 : a + 20] = b"a" * 12  # died mid-copy: no header
     bare.ring.append(b"L" * 24)  # a live writer's record, acknowledged
-    b = _dead_claim(core, 10, lane_word, 2 * unit)
+    b = dead_claim(core, 10, lane_word, 2 * unit)
     core.view[b + 8 : b + 32] = b"B" * 24
     _format.pack_record_header(core.view, b, 24)  # B's first record: finished
     core.view[b + unit + 8 : b + unit + 16] = b"b" * 8  # the second: not

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bare import Bare, dead_claim, make_bare
 
 import shmflush
 from shmflush import _atomic, _format
 from shmflush import _layout as L
 from shmflush._recovery import Recovery
-
-from test_protocol import Bare, _dead_claim, bare, make_bare  # noqa: F401  (bare: a fixture)
 
 _DIES_IN_RESERVE = """
 import os, signal, struct, sys
@@ -87,7 +86,7 @@ def test_recovery_of_the_largest_buffer_full_of_the_smallest_records_is_bounded(
         assert bare.ring.append_array(np.zeros((rows, 0), np.uint8)) == rows
         lane_word = core.words[core.lane_w[0]]
         i = lane_word & L.LANE_INDEX_MASK
-        at = _dead_claim(core, 9, lane_word, dead)
+        at = dead_claim(core, 9, lane_word, dead)
         core.view[at + 8 : at + 12] = b"torn"  # died mid-copy: no header
         core.seal(i)
         recovery = Recovery(core)
@@ -128,7 +127,7 @@ def test_recovery_never_commits_the_claim_of_a_live_writer_with_a_stale_lane_wor
     core.words[(lease + L.L_INTENT) // 8] = L.claim_intent(stale, size)
     old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
     live_at = core.records_at[i] + (old >> 32)
-    dead_at = _dead_claim(core, 9, lane_word, size)
+    dead_at = dead_claim(core, 9, lane_word, size)
     core.view[dead_at + 8 : dead_at + 12] = b"dead"
     core.seal(i)
     recovery = Recovery(core)
@@ -164,7 +163,7 @@ def test_a_dead_claim_is_settled_whether_or_not_its_offset_reached_the_lease(
     bare.ring.append(b"before")
     lane_word = core.words[core.lane_w[0]]
     i = lane_word & L.LANE_INDEX_MASK
-    at = _dead_claim(core, 9, lane_word, _format.record_size(40))
+    at = dead_claim(core, 9, lane_word, _format.record_size(40))
     if known:
         core.view[at + 8 : at + 20] = b"half-written"
     else:

@@ -1,0 +1,83 @@
+"""A bare ring for protocol tests: shared memory and a ``Flusher`` object, but no
+flusher process, so a test drives every step by hand (imported by the tests and
+by conftest's ``bare`` fixture)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import shmflush
+from shmflush import _layout as L
+from shmflush import _proc
+from shmflush._api import Ring
+from shmflush._flusher import Flusher
+from shmflush._ring import Ring as Core
+
+
+@dataclass
+class Bare:
+    core: Core
+    ring: Ring
+    flusher: Flusher
+    path: Path
+    fd: int
+
+    def flush(self) -> None:
+        """One flusher pass, without the time-based seal."""
+        self.flusher.take_ready()
+        self.flusher.flush_pending(0.0)
+
+    def records(self) -> list[bytes]:
+        return list(shmflush.read(self.path))
+
+
+def make_bare(
+    name: str, path: Path, buffer_size: int = 8192, buffers: int = 4, lanes: int = 1
+) -> Bare:
+    g = L.Geometry(buffer_size, buffers, lanes, 16)
+    mm = L.create_segment(name, g.total_size, 0o600, exist_ok=False)
+    view = memoryview(mm)
+    L.init_header(
+        view,
+        g,
+        sync=0,
+        flush_interval_ns=10**9,
+        owner=os.getpid(),
+        owner_start=_proc.start_time(os.getpid()),
+        next_address=0,
+        next_seq=0,
+    )
+    view.release()
+    core = Core(name, mm, g)
+    core.create_semaphores(0o600)
+    # "The flusher" is this process: writers that wait check that it is alive.
+    core.set_header(L.H_FLUSHER_PID, os.getpid())
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    return Bare(core, Ring(core), Flusher(core, fd), path, fd)
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def dead_claim(core: Core, k: int, lane_word: int, size: int) -> int:
+    """Give lease slot *k* to a dead process with a claim of *size* bytes in the
+    lane's fill, and make the claim; returns its byte offset in the mapping."""
+    from shmflush import _atomic
+
+    i = lane_word & L.LANE_INDEX_MASK
+    lease = core.geometry.lease(k)
+    core.words[(lease + L.L_PID) // 8] = dead_pid()
+    core.words[(lease + L.L_INTENT) // 8] = L.claim_intent(lane_word, size)
+    old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
+    at = core.records_at[i] + (old >> 32)
+    # As a writer does: the offset is in the lease before any byte is written.
+    core.words[(lease + L.L_AT) // 8] = at
+    return at
