@@ -864,13 +864,21 @@ class Ring:
                 # knows nobody else will finish closing this fill.
                 slot = self._slot()
                 core.words[slot.intent_w] = L.INTENT_SEALING | (i << 32)
-                core.seal(i)
+                try:
+                    core.seal(i)
+                except BaseException:
+                    # Interrupted half-way: the slot goes to recovery, which
+                    # finishes a sealer's close as it does a dead one's.
+                    self._interrupted(slot)
+                    raise
                 core.words[slot.intent_w] = 0
             waiting.append((i, fill))
         core.wake_flusher()
         nap = 50e-6
         while waiting:
             status = core.status()
+            if core.handle_closed:
+                raise RingClosedError(f"ring {self.name!r} was closed during sync()")
             if status & L.STATUS_BROKEN:
                 raise core.broken_error()
             waiting = [
