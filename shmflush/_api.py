@@ -379,9 +379,13 @@ class Ring:
                     continue
                 f: Any = frame
                 while f is not None:
-                    if f.f_code in _RING_CODES and f.f_locals.get("self") is self:
-                        busy = True
-                        break
+                    if f.f_code in _RING_CODES:
+                        owner = f.f_locals.get("self")
+                        if owner is self or (
+                            isinstance(owner, _Reservation) and owner._ring is self
+                        ):
+                            busy = True
+                            break
                     f = f.f_back
                 if busy:
                     break
@@ -1003,11 +1007,12 @@ _CLOSED_WORDS[L.H_STATUS // 8] = L.STATUS_CLOSING
 _CLOSED_VIEW = memoryview(bytearray(0))
 # Code objects of the handle's methods: close() waits until no other thread runs
 # one of them on this handle (see Ring._wait_for_callers).
+# (Not close() itself: a second closer waits on the lock, touching nothing.)
 _RING_CODES = frozenset(
     getattr(f, "__wrapped__", f).__code__
     for cls in (Ring, _Reservation)
     for f in vars(cls).values()
-    if callable(f) and hasattr(getattr(f, "__wrapped__", f), "__code__")
+    if callable(f) and hasattr(getattr(f, "__wrapped__", f), "__code__") and f is not Ring.close
 )
 # Handles unpickled in this process, by ring name: a ring passed to many pool
 # tasks attaches once per worker process, not once per task.
