@@ -79,6 +79,9 @@ class Stats:
     buffers: int
     lanes: int
     broken: bool  #: the flusher hit an error; appends raise RingBrokenError
+    #: errno the flusher is retrying without breaking the ring (ENOSPC: the disk is
+    #: full); appends wait for space meanwhile.  0 while it writes.
+    stalled: int
     recovered: int  #: stuck fills the flusher recovered from dead writers
     flusher_restarts: int  #: times a flusher was restarted after dying
 
@@ -703,7 +706,7 @@ class Ring:
             if not core.flusher_alive():
                 self._restart_flusher(core)
             if deadline is not None and time.monotonic() >= deadline:
-                raise RingTimeoutError(
+                raise core.timeout_error(
                     f"ring {self.name!r}: {len(waiting)} buffers not durable within {timeout} s"
                 )
             time.sleep(nap)
@@ -728,6 +731,7 @@ class Ring:
             buffers=g.buffers,
             lanes=g.lanes,
             broken=bool(core.status() & L.STATUS_BROKEN),
+            stalled=core.header(L.H_STALL_ERRNO),
             recovered=core.header(L.H_RECOVERED),
             flusher_restarts=core.header(L.H_RESTARTS),
         )

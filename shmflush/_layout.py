@@ -17,11 +17,17 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       96    recovery timeout in ns
       128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
       192   status        200 error errno   208 error buffer   216 waiters
+            (error errno and buffer: the write that broke the ring; buffer
+            NO_BUFFER when it was the batch's fdatasync or preallocation)
       256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
       280   direct_io     288 buffers flushed 296 bytes written 304 syncs
       312   recovered (stuck fills recovered)   320 flusher restarts
       328   last flusher restart attempt (CLOCK_MONOTONIC ns)
       336   written below: the file is written up to here without a gap
+      344   stall errno: the error the flusher is retrying without breaking the
+            ring (ENOSPC, EDQUOT: the disk or quota is full; or an I/O error it
+            has not yet given up on); 0 while it writes.  Writers wait for
+            space meanwhile, and their timeouts name it.
       512   file path, UTF-8, NUL-padded (up to 3584 bytes): lets any process
             restart the flusher on the same file
     4096                         64 * lanes      lane table: +0 lane word (below)
@@ -141,6 +147,7 @@ H_RECOVERED: Final = 312
 H_RESTARTS: Final = 320
 H_RESTART_AT: Final = 328  # CLOCK_MONOTONIC ns of the last restart attempt
 H_WRITTEN_BELOW: Final = 336  # every file byte below this was written (see _flusher)
+H_STALL_ERRNO: Final = 344  # the error the flusher retries without breaking the ring
 H_PATH: Final = 512
 HEADER_SIZE: Final = 4096
 MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
@@ -149,6 +156,9 @@ MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
 STATUS_CLOSING: Final = 1 << 0  # the owner is closing: no new fills, drain and stop
 STATUS_BROKEN: Final = 1 << 1  # the flusher hit an error it cannot get past
 STATUS_FLUSHER_DONE: Final = 1 << 2  # the flusher drained everything and exited
+
+# H_ERROR_BUFFER when the failure was not one buffer's write.
+NO_BUFFER: Final = (1 << 64) - 1
 
 # H_DIRECT_IO values.
 DIRECT_UNKNOWN: Final = 0
