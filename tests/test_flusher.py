@@ -1,4 +1,5 @@
-"""The flusher's error handling (shmflush._flusher): a full disk, failing syncs.
+"""The flusher's error handling (shmflush._flusher): a full disk, failing syncs,
+and what the owner's close() reports when the flusher gives up.
 
 Unit tests drive a bare ring's ``Flusher`` by hand (see test_protocol's
 make_bare), with os.pwrite, os.posix_fallocate or os.fdatasync replaced; the end
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_protocol import Bare, make_bare
+from test_protocol import Bare, _dead_claim, make_bare
 
 import shmflush
-from shmflush import _flusher
+from shmflush import _flusher, _format
 from shmflush import _layout as L
 
 # Generous "did not hang" bounds, never timing assertions.
@@ -54,6 +55,12 @@ def _fill_one(bare: Bare, record: bytes) -> int:
 def _seal_all(bare: Bare) -> None:
     for i in range(bare.core.geometry.buffers):
         bare.core.seal(i)
+
+
+def _own(bare: Bare) -> None:
+    """Make the bare ring's handle its owner, as create() does, so that close()
+    runs the owner's shutdown (with this process standing in for the flusher)."""
+    bare.ring._owner_pid = os.getpid()
 
 
 def _append_until_timeout(
@@ -197,7 +204,7 @@ def test_a_failed_fdatasync_rewrites_the_whole_batch_before_it_syncs_again(
     assert bare.records() == records
 
 
-def test_a_fdatasync_that_keeps_failing_breaks_the_ring_after_rewriting_each_time(
+def test_a_fdatasync_that_keeps_failing_breaks_the_ring_and_close_reports_the_loss(
     bare: Bare, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     core = bare.core
@@ -221,6 +228,85 @@ def test_a_fdatasync_that_keeps_failing_breaks_the_ring_after_rewriting_each_tim
     with pytest.raises(shmflush.RingBrokenError) as info:
         bare.ring.append(b"refused")
     assert info.value.errno == errno.EIO
+    # The owner's close() after the flusher gave up (as its closing branch does).
+    _own(bare)
+    core.set_status(L.STATUS_FLUSHER_DONE)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.close()
+    nbytes = sum(_format.record_size(len(r)) for r in records)
+    message = str(info.value)
+    assert f"2 fills holding 2 records ({nbytes} bytes of records)" in message
+    assert "not written to the file durably" in message
+    assert "[Errno 5]" in message
+    assert info.value.errno == errno.EIO
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_close_after_the_flusher_gave_up_on_a_full_disk_names_exactly_what_was_lost(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = bare.core
+    monkeypatch.setattr(os, "pwrite", _Failing(os.pwrite, errno.ENOSPC))
+    written = [b"w" * 50]
+    _fill_one(bare, written[0])
+    bare.flush()
+    monkeypatch.undo()
+    bare.flusher.flush_pending(1e9)  # the first fill made it
+    lost = [bytes([k]) * 700 for k in range(12)]  # two fills' worth
+    monkeypatch.setattr(os, "pwrite", _Failing(os.pwrite, errno.ENOSPC))
+    for record in lost:
+        bare.ring.append(record)
+    _seal_all(bare)
+    bare.flusher.take_ready()
+    bare.flusher.flush_pending(2e9)
+    assert bare.ring.stats().stalled == errno.ENOSPC
+    fills = sum(1 for i in range(core.geometry.buffers) if not core.state(i) & L.IDLE)
+    _own(bare)
+    core.set_status(L.STATUS_FLUSHER_DONE)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.close()
+    nbytes = sum(_format.record_size(len(r)) for r in lost)
+    message = str(info.value)
+    assert "the flusher gave up draining" in message
+    assert f"{fills} fills holding 12 records ({nbytes} bytes of records)" in message
+    assert info.value.errno == errno.ENOSPC
+    assert bare.records() == written
+
+
+def test_close_that_times_out_on_a_full_disk_says_why_and_what_was_lost(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "pwrite", _Failing(os.pwrite, errno.ENOSPC))
+    _fill_one(bare, b"z" * 30)
+    bare.flush()
+    _own(bare)
+    # Nobody sets FLUSHER_DONE: the owner's wait runs out.
+    with pytest.raises(shmflush.RingTimeoutError) as info:
+        bare.ring.close(timeout=0.1)
+    message = str(info.value)
+    assert "did not drain within 0.1 s" in message
+    assert "No space left on device" in message
+    assert f"1 fill holding 1 record ({_format.record_size(30)} bytes" in message
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_close_counts_records_up_to_a_claim_that_was_never_finished(bare: Bare) -> None:
+    # The walk of a fill's record headers stops at a writer's unfinished claim
+    # (a zero header): what follows is unknown, so the count is a lower bound.
+    core = bare.core
+    bare.ring.append(b"done")
+    _dead_claim(core, 9, core.words[core.lane_w[0]], 64)
+    bare.ring.append(b"after the hole")
+    _seal_all(bare)
+    bare.flush()  # not taken: the dead claim is not committed
+    _own(bare)
+    core.set_status(L.STATUS_FLUSHER_DONE)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.close()
+    message = str(info.value)
+    assert "a writer never finished its claim" in message
+    assert "1 fill holding at least 1 record (" in message
+    assert bare.records() == []
 
 
 # -- a real full file system -----------------------------------------------------------
