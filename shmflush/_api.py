@@ -671,6 +671,9 @@ class Ring:
         """
         core = self._live_core()
         deadline = _deadline(timeout)
+        if core.status() & L.STATUS_BROKEN:
+            # Even with nothing left to wait for: the file may be gone or cut.
+            raise core.broken_error()
         waiting: list[tuple[int, int]] = []
         for i in range(core.geometry.buffers):
             st = core.state(i)
@@ -811,29 +814,39 @@ def _drain_error(core: _Core, timed_out: ShmflushError | None) -> ShmflushError 
     """
     lost = _unwritten(core)
     broken = core.status() & L.STATUS_BROKEN
-    if timed_out is None and not broken and not lost.fills:
-        return None  # a clean drain
-    if timed_out is not None and not lost.fills:
-        return timed_out  # the flusher finished after all
+    if not broken and not lost.fills:
+        return timed_out  # None: a clean drain; else the flusher finished after all
+    kind = core.header(L.H_ERROR_KIND) if broken else L.ERROR_IO
     errno = core.header(L.H_ERROR_ERRNO if broken else L.H_STALL_ERRNO)
     cause = OSError(errno, os.strerror(errno)) if errno else None
-    if timed_out is not None:
-        reason = str(timed_out)
-        if cause is not None:
-            reason += f"; it cannot write: [Errno {errno}] {cause.strerror}"
-    elif broken:
-        reason = core.broken_reason()
+    if broken:
+        why = core.broken_reason()
     elif cause is not None:
-        reason = (
-            f"ring {core.name!r}: the flusher gave up draining: it cannot write: "
-            f"[Errno {errno}] {cause.strerror}"
+        why = f"it cannot write: [Errno {errno}] {cause.strerror}"
+    else:
+        why = "" if timed_out is not None else "a writer never finished its claim"
+    if timed_out is not None:
+        reason = f"{timed_out}; {why}" if why else str(timed_out)
+    elif broken:
+        reason = f"ring {core.name!r}: {why}"
+    else:
+        reason = f"ring {core.name!r}: the flusher gave up draining: {why}"
+    unwritten = (
+        f"{lost} were not written to the file durably and are lost with the shared memory"
+        if lost.fills
+        else ""
+    )
+    if kind == L.ERROR_FILE_DELETED:
+        outcome = "every record written to it is gone with it"
+    elif kind == L.ERROR_FILE_TRUNCATED:
+        outcome = (
+            f"the records in bytes {core.header(L.H_ERROR_SIZE)} to "
+            f"{core.header(L.H_ERROR_WRITTEN)} of it are lost"
         )
     else:
-        reason = f"ring {core.name!r}: a writer never finished its claim; the flusher gave up"
-    if lost.fills:
-        outcome = f"{lost} were not written to the file durably and are lost with the shared memory"
-    else:
-        outcome = "nothing was lost: every record whose append returned is in the file"
+        outcome = unwritten or "nothing was lost: every record whose append returned is in the file"
+    if unwritten and kind != L.ERROR_IO:
+        outcome += f"; and {unwritten}"
     message = f"{reason}; {outcome}"
     error: ShmflushError = (
         RingTimeoutError(message) if timed_out is not None else RingBrokenError(message, errno)

@@ -91,6 +91,7 @@ class Flusher:
         self.next_recovery = 0.0
         self.gaps = _Gaps(self)
         self.next_sweep = 0.0
+        self.next_file_check = 0.0
 
     # -- file ----------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class Flusher:
         written = 0
         done: list[int] = []
         syncing = False
+        self.check_file(now, before_write=True)
         try:
             self.preallocate(now)
             # Every fill of the batch, every attempt: after a failed fdatasync the
@@ -355,6 +357,45 @@ class Flusher:
             raise
         self.allocated = end
 
+    def check_file(self, now: float, *, before_write: bool = False) -> None:
+        """Break the ring if its file was deleted or truncated under it.
+
+        Either loses records that were already written, and nothing else would
+        ever say so: writes to a deleted file succeed, and a truncated one just
+        grows a zero hole.  The loop calls this at most every 0.25 s.  The size
+        test only means something before our next write, which grows the file
+        back over the hole; so flush_pending also calls it (*before_write*) ahead
+        of each batch: one fstat(2) against a pwrite of at least 4 KiB.  A
+        truncation that lands while a batch is being written past it goes
+        unseen.  The size only counts below the end of what was written:
+        preallocation only grows the file, and the clean-close trim never cuts
+        below it.
+        """
+        if now < self.next_file_check and not before_write:
+            return
+        self.next_file_check = now + 0.25
+        ring = self.ring
+        if ring.status() & L.STATUS_BROKEN:
+            return  # the first cause is the one to report
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return
+        if st.st_nlink == 0:
+            ring.set_header(L.H_ERROR_KIND, L.ERROR_FILE_DELETED)
+        else:
+            written = self.gaps.written_end()
+            if st.st_size >= written:
+                return
+            ring.set_header(L.H_ERROR_SIZE, st.st_size)
+            ring.set_header(L.H_ERROR_WRITTEN, written)
+            ring.set_header(L.H_ERROR_KIND, L.ERROR_FILE_TRUNCATED)
+        ring.set_header(L.H_STALL_ERRNO, 0)
+        # After the cause: a writer that sees BROKEN reads the cause next.  The
+        # flusher keeps writing what is in shared memory (so the owner's close()
+        # is not held up); records written after a truncation are still readable.
+        ring.set_status(L.STATUS_BROKEN)
+
     def trim(self) -> None:
         """Cut the preallocated zero tail (clean close)."""
         end = self.ring.header(L.H_NEXT_ADDRESS)
@@ -445,6 +486,7 @@ class Flusher:
             self.seal_due(now, closing)
             incomplete = self.take_ready()
             self.flush_pending(now)
+            self.check_file(now)
             if now >= self.next_recovery:
                 self.next_recovery = now + min(0.05, self.recovery.timeout / 4)
                 self.recovery.run(now)
@@ -540,6 +582,10 @@ class _Gaps:
         while mark in self.extents:
             mark = max(mark, self.extents.pop(mark))
         ring.set_header(L.H_WRITTEN_BELOW, mark)
+
+    def written_end(self) -> int:
+        """The end of the furthest range written (the file is at least this long)."""
+        return max(self.ring.header(L.H_WRITTEN_BELOW), max(self.extents.values(), default=0))
 
     def rebuild(self, path: bytes) -> None:
         """After a restart: find the segments a predecessor wrote above the mark."""

@@ -223,24 +223,34 @@ class Ring:
             raise RingClosedError(f"ring {self.name!r} was closed by its owner")
 
     def broken_reason(self) -> str:
-        """Why the ring is broken, in words (from the error the flusher stored)."""
+        """Why the ring is broken, in words, from the cause the flusher stored (the
+        ring's name is not in it)."""
+        kind = self.header(L.H_ERROR_KIND)
+        if kind in (L.ERROR_FILE_DELETED, L.ERROR_FILE_TRUNCATED):
+            path = os.fsdecode(L.read_path(self.view)) or "of the ring"
+            if kind == L.ERROR_FILE_DELETED:
+                return f"the file {path} was deleted while the ring was writing it"
+            return (
+                f"the file {path} was truncated to {self.header(L.H_ERROR_SIZE)} bytes "
+                f"below {self.header(L.H_ERROR_WRITTEN)} bytes already written"
+            )
         errno = self.header(L.H_ERROR_ERRNO)
         if not errno:
-            return f"ring {self.name!r}: the flusher stopped"
+            return "the flusher stopped"
         buffer = self.header(L.H_ERROR_BUFFER)
         what = "write and sync a batch" if buffer == L.NO_BUFFER else f"write buffer {buffer}"
-        return (
-            f"ring {self.name!r}: the flusher failed to {what}: [Errno {errno}] "
-            f"{os.strerror(errno)}"
-        )
+        return f"the flusher failed to {what}: [Errno {errno}] {os.strerror(errno)}"
 
     def broken_error(self) -> RingBrokenError:
+        reason = f"ring {self.name!r}: {self.broken_reason()}"
+        if self.header(L.H_ERROR_KIND) != L.ERROR_IO:
+            return RingBrokenError(f"{reason}; the ring takes no more records")
         errno = self.header(L.H_ERROR_ERRNO)
         if not errno:
-            return RingBrokenError(self.broken_reason())
+            return RingBrokenError(reason)
         err = RingBrokenError(
-            f"{self.broken_reason()}; records still in shared memory are kept and "
-            "retried, but the ring takes no more",
+            f"{reason}; records still in shared memory are kept and retried, but the "
+            "ring takes no more",
             errno,
         )
         err.__cause__ = OSError(errno, os.strerror(errno))

@@ -1,5 +1,6 @@
 """The flusher's error handling (shmflush._flusher): a full disk, failing syncs,
-and what the owner's close() reports when the flusher gives up.
+a file deleted or truncated under the ring, and what the owner's close()
+reports when the flusher gives up.
 
 Unit tests drive a bare ring's ``Flusher`` by hand (see test_protocol's
 make_bare), with os.pwrite, os.posix_fallocate or os.fdatasync replaced; the end
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -394,3 +397,82 @@ def test_a_ring_on_a_full_file_system_waits_and_loses_nothing_once_space_is_free
     finally:
         ring.close(timeout=DEADLINE_S)  # raises if anything was lost
     assert list(shmflush.read(path)) == acknowledged
+
+
+# -- the file deleted or truncated under a live ring ----------------------------------
+
+
+def _damage_file(path: Path, damage: str) -> str:
+    """Delete or truncate *path*; returns what the ring's errors must say."""
+    if damage == "deleted":
+        path.unlink()
+        return f"the file {path} was deleted while the ring was writing it"
+    os.truncate(path, 0)
+    return f"the file {path} was truncated to 0 bytes below "
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_file_deleted_or_truncated_under_a_live_ring_breaks_it_and_says_so(
+    ring_name: str, tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "log"
+    ring = shmflush.create(ring_name, path, buffer_size=64 << 10, buffers=4, lanes=1)
+    close_error: shmflush.ShmflushError | None = None
+    try:
+        for k in range(50):
+            ring.append(b"written %d" % k)
+        ring.sync(timeout=DEADLINE_S)
+        said = _damage_file(path, damage)
+        # Appends and syncs go on until the flusher's next look at the file.
+        deadline = time.monotonic() + DEADLINE_S
+        broken: shmflush.RingBrokenError | None = None
+        while broken is None and time.monotonic() < deadline:
+            try:
+                ring.append(b"after", timeout=DEADLINE_S)
+                ring.sync(timeout=DEADLINE_S)
+            except shmflush.RingBrokenError as exc:
+                broken = exc
+            time.sleep(0.01)
+        assert broken is not None, f"the file was {damage} and the ring never said so"
+        assert said in str(broken)
+        assert ring.stats().broken
+        with pytest.raises(shmflush.RingBrokenError, match=re.escape(said)):
+            ring.append(b"refused")
+        with pytest.raises(shmflush.RingBrokenError, match=re.escape(said)):
+            ring.sync(timeout=DEADLINE_S)
+    finally:
+        started = time.monotonic()
+        try:
+            ring.close(timeout=DEADLINE_S)
+        except shmflush.ShmflushError as exc:
+            close_error = exc
+        closing = time.monotonic() - started
+    assert isinstance(close_error, shmflush.RingBrokenError)
+    assert said in str(close_error)
+    assert closing < DEADLINE_S, "close() hung on a damaged file"
+
+
+def test_the_flusher_does_not_take_its_own_preallocation_or_trim_for_a_truncation(
+    bare: Bare,
+) -> None:
+    # The size only counts below what was written: preallocation grows the file
+    # past it, and a file exactly as long as what was written is whole.
+    core = bare.core
+    _fill_one(bare, b"x" * 5000)
+    bare.flush()
+    written = core.header(L.H_WRITTEN_BELOW)
+    assert written > 0
+    for size in (written, written + (64 << 20)):
+        os.truncate(bare.path, size)
+        bare.flusher.next_file_check = 0.0
+        bare.flusher.check_file(1.0)
+        assert not core.status() & L.STATUS_BROKEN, f"size {size} taken for damage"
+    os.truncate(bare.path, written - 4096)
+    bare.flusher.next_file_check = 0.0
+    bare.flusher.check_file(1.0)
+    assert core.status() & L.STATUS_BROKEN
+    assert core.header(L.H_ERROR_KIND) == L.ERROR_FILE_TRUNCATED
+    assert (core.header(L.H_ERROR_SIZE), core.header(L.H_ERROR_WRITTEN)) == (
+        written - 4096,
+        written,
+    )
