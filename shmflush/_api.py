@@ -79,6 +79,9 @@ class Stats:
     buffers: int
     lanes: int
     broken: bool  #: the flusher hit an error; appends raise RingBrokenError
+    #: errno the flusher is retrying without breaking the ring (ENOSPC: the disk is
+    #: full); appends wait for space meanwhile.  0 while it writes.
+    stalled: int
     recovered: int  #: stuck fills the flusher recovered from dead writers
     flusher_restarts: int  #: times a flusher was restarted after dying
 
@@ -319,6 +322,14 @@ class Ring:
         and :class:`RingTimeoutError` if it did not finish within *timeout*
         seconds; the shared memory is unlinked in every case.
 
+        A full disk does not fail the drain by itself: the flusher retries until
+        space comes back or *timeout* runs out.  When close() raises, its message
+        says why and exactly what was lost: how many fills, records and bytes of
+        records were still in shared memory, not durably written, when the flusher
+        stopped (they go away with the shared memory; every other record is in
+        the file), or that nothing was lost.  ``errno`` and the chained
+        :class:`OSError` give the flusher's error, where it had one.
+
         In any other process, this releases the handle's writer slots and unmaps.
         """
         _deadline(timeout)  # check the argument before touching anything
@@ -421,16 +432,7 @@ class Ring:
                 except subprocess.TimeoutExpired:
                     flusher.kill()
                     flusher.wait()
-            status = core.status()
-            if error is None and status & L.STATUS_BROKEN:
-                error = core.broken_error()
-            elif error is None and not all(
-                core.state(i) & L.IDLE for i in range(core.geometry.buffers)
-            ):
-                error = RingBrokenError(
-                    f"ring {self.name!r}: a writer never finished its claim; the flusher "
-                    "gave up draining and its buffer was not written"
-                )
+            error = _drain_error(core, error)
         finally:
             L.unlink_segment(self.name)
         return error
@@ -855,6 +857,9 @@ class Ring:
         """
         core = self._live_core()
         deadline = _deadline(timeout)
+        if core.status() & L.STATUS_BROKEN:
+            # Even with nothing left to wait for: the file may be gone or cut.
+            raise core.broken_error()
         waiting: list[tuple[int, int]] = []
         for i in range(core.geometry.buffers):
             st = core.state(i)
@@ -897,7 +902,7 @@ class Ring:
             if not core.flusher_alive():
                 self._restart_flusher(core)
             if deadline is not None and time.monotonic() >= deadline:
-                raise RingTimeoutError(
+                raise core.timeout_error(
                     f"ring {self.name!r}: {len(waiting)} buffers not durable within {timeout} s"
                 )
             time.sleep(nap)
@@ -922,6 +927,7 @@ class Ring:
             buffers=g.buffers,
             lanes=g.lanes,
             broken=bool(core.status() & L.STATUS_BROKEN),
+            stalled=core.header(L.H_STALL_ERRNO),
             recovered=core.header(L.H_RECOVERED),
             flusher_restarts=core.header(L.H_RESTARTS),
         )
@@ -1041,6 +1047,119 @@ def _forget_attached(ring: Ring) -> None:
     with _unpickled_lock:
         if _unpickled.get(ring.name) is ring:
             del _unpickled[ring.name]
+@dataclass(frozen=True, slots=True)
+class _Unwritten:
+    """What is still in shared memory after the flusher stopped (see _drain_error)."""
+
+    fills: int
+    records: int
+    bytes: int
+    exact: bool  # every record header of those fills was walked
+
+    def __str__(self) -> str:
+        fills = f"{self.fills} fill{'s' * (self.fills != 1)}"
+        records = f"{'' if self.exact else 'at least '}{self.records} record"
+        records += "s" * (self.records != 1)
+        return f"{fills} holding {records} ({self.bytes} bytes of records)"
+
+
+# Record headers the loss report walks at most (about a tenth of a second).
+_REPORT_RECORDS: Final = 1 << 18
+
+
+def _unwritten(core: _Core) -> _Unwritten:
+    """Count the fills the flusher left unwritten, their bytes and their records.
+
+    A fill that is not IDLE after the flusher stopped was not made durable, except
+    one taken whose durable marker is set (written and synced, reset cut short).
+    Records are counted by walking the record headers in shared memory, bounded;
+    the walk stops at a header that is not one (a claim whose writer never
+    finished), and the count is then a lower bound.
+    """
+    fills = records = nbytes = 0
+    exact = True
+    budget = _REPORT_RECORDS
+    words = core.words
+    unpack = _format.RECORD_HEADER.unpack_from
+    for i in range(core.geometry.buffers):
+        st = core.state(i)
+        if st & (L.IDLE | L.RESERVED):
+            continue
+        if st & L.FLUSHING and words[core.durable_w[i]] == words[core.fill_w[i]]:
+            continue
+        used = words[core.used_w[i]] if st & L.CLOSED else st >> L.OFFSET_SHIFT
+        used = min(used, core.capacity) // _format.RECORD_ALIGN * _format.RECORD_ALIGN
+        if not used:
+            continue
+        fills += 1
+        nbytes += used
+        at = core.records_at[i]
+        end = at + used
+        while at < end and budget:
+            budget -= 1
+            length, kind, mark = unpack(core.view, at)
+            if _format.is_padding(length, kind, mark):
+                at += _format.RECORD_ALIGN
+                continue
+            size = _format.record_size(length)
+            if mark != _MARK or kind not in (_KIND_DATA, _KIND_ABANDONED) or size > end - at:
+                break
+            if kind == _KIND_DATA:
+                records += 1
+            at += size
+        exact = exact and at >= end
+    return _Unwritten(fills, records, nbytes, exact)
+
+
+def _drain_error(core: _Core, timed_out: ShmflushError | None) -> ShmflushError | None:
+    """The error the owner's close() raises once the flusher stopped, or None.
+
+    It says why the drain failed (the flusher's error, a full disk it gave up
+    on, a writer that never finished) and exactly what that cost: the fills,
+    records and bytes still in shared memory, which go away with it.
+    """
+    lost = _unwritten(core)
+    broken = core.status() & L.STATUS_BROKEN
+    if not broken and not lost.fills:
+        return timed_out  # None: a clean drain; else the flusher finished after all
+    kind = core.header(L.H_ERROR_KIND) if broken else L.ERROR_IO
+    errno = core.header(L.H_ERROR_ERRNO if broken else L.H_STALL_ERRNO)
+    cause = OSError(errno, os.strerror(errno)) if errno else None
+    if broken:
+        why = core.broken_reason()
+    elif cause is not None:
+        why = f"it cannot write: [Errno {errno}] {cause.strerror}"
+    else:
+        why = "" if timed_out is not None else "a writer never finished its claim"
+    if timed_out is not None:
+        reason = f"{timed_out}; {why}" if why else str(timed_out)
+    elif broken:
+        reason = f"ring {core.name!r}: {why}"
+    else:
+        reason = f"ring {core.name!r}: the flusher gave up draining: {why}"
+    unwritten = (
+        f"{lost} were not written to the file durably and are lost with the shared memory"
+        if lost.fills
+        else ""
+    )
+    if kind == L.ERROR_FILE_DELETED:
+        outcome = "every record written to it is gone with it"
+    elif kind == L.ERROR_FILE_TRUNCATED:
+        outcome = (
+            f"the records in bytes {core.header(L.H_ERROR_SIZE)} to "
+            f"{core.header(L.H_ERROR_WRITTEN)} of it are lost"
+        )
+    else:
+        outcome = unwritten or "nothing was lost: every record whose append returned is in the file"
+    if unwritten and kind != L.ERROR_IO:
+        outcome += f"; and {unwritten}"
+    message = f"{reason}; {outcome}"
+    error: ShmflushError = (
+        RingTimeoutError(message) if timed_out is not None else RingBrokenError(message, errno)
+    )
+    if cause is not None:
+        error.__cause__ = cause
+    return error
 
 
 def _deadline(timeout: Any) -> float | None:

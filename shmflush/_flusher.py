@@ -19,9 +19,18 @@ One pass of the loop:
    after the write is as durable as the sync level promises), then wake writers
    waiting for space.
 
-A failed write is kept, with its errno, in shared memory: writers see the ring as
-broken on their next append or sync, and the flusher retries the same buffers
-with a growing pause, so nothing is dropped while the disk is full.
+A failed batch stays taken, in shared memory, and is retried with a growing pause:
+nothing is reset before it is written (and synced).  What a failure does to the
+ring depends on what it can have cost (see Flusher.failed):
+
+* a full disk or quota (ENOSPC, EDQUOT from pwrite(2) or posix_fallocate(2))
+  left nothing behind that we count on: the ring is *stalled*, not broken.  The
+  errno is in ``H_STALL_ERRNO``, writers wait for space (their timeouts say
+  why), and the first retry that succeeds clears the stall;
+* any other error, and any failed fdatasync(2) ("fsyncgate": the kernel may have
+  dropped the dirty pages and will not report it again), is retried by
+  rewriting the whole batch from shared memory before the next fdatasync, a
+  few times; then the ring is BROKEN.
 """
 
 from __future__ import annotations
@@ -52,6 +61,13 @@ _READY = L.SEALED | L.CLOSED
 _WRITE_THREADS = 4
 # Preallocation step (see Flusher.preallocate).
 _PREALLOCATE = 64 << 20
+# After a whole step did not fit, preallocate only what is needed for this long.
+_PREALLOCATE_BACKOFF = 10.0
+# Errors that mean "no room now": the write or allocation failed as a whole and
+# succeeds unchanged once space is freed.
+_NO_SPACE = frozenset((E.ENOSPC, E.EDQUOT))
+# Attempts at a batch that fails with any other error before the ring is broken.
+_IO_ATTEMPTS = 5
 
 
 class Flusher:
@@ -64,15 +80,18 @@ class Flusher:
         self.pending: list[int] = []  # taken (FLUSHING) but not yet durable
         self.retry_at = 0.0
         self.retry_pause = 0.05
+        self.attempts = 0  # failed attempts at the pending batch, other than no space
         # buffer -> (fill number, when first seen open and non-empty)
         self.first_seen: dict[int, tuple[int, float]] = {}
         self.recovery = Recovery(ring)
         self.pool: ThreadPoolExecutor | None = None
         self.can_preallocate = True
         self.allocated = os.fstat(fd).st_size
+        self.preallocate_whole_after = 0.0
         self.next_recovery = 0.0
         self.gaps = _Gaps(self)
         self.next_sweep = 0.0
+        self.next_file_check = 0.0
 
     # -- file ----------------------------------------------------------------
 
@@ -215,33 +234,27 @@ class Flusher:
         if not self.pending or now < self.retry_at:
             return
         self.pending.sort(key=lambda i: ring.words[ring.address_w[i]])
-        self.preallocate()
         written = 0
         done: list[int] = []
+        syncing = False
+        self.check_file(now, before_write=True)
         try:
+            self.preallocate(now)
+            # Every fill of the batch, every attempt: after a failed fdatasync the
+            # page cache may hold none of it (see failed()).
             for i, size in self.write_all(self.pending):
                 written += size
                 done.append(i)
             if _faults.ENABLED and written:
                 _faults.reached("flush.written")
             if written and self.sync_data:
+                syncing = True
                 os.fdatasync(self.fd)
                 if _faults.ENABLED:
                     _faults.reached("flush.synced")
                 ring.set_header(L.H_SYNCS, ring.header(L.H_SYNCS) + 1)
         except (OSError, ValueError) as exc:
-            # ValueError: a descriptor whose extent is out of range (corrupted shared
-            # memory).  Refuse it like an I/O error rather than die: a restarted
-            # flusher would only find it again.
-            errno = (exc.errno or E.EIO) if isinstance(exc, OSError) else E.EUCLEAN
-            failed = getattr(exc, "shmflush_buffer", -1)
-            ring.set_header(L.H_ERROR_ERRNO, errno)
-            ring.set_header(L.H_ERROR_BUFFER, failed)
-            ring.set_status(L.STATUS_BROKEN)
-            # Nothing of this batch is known durable (fsync after a failed write is
-            # no promise), so every taken buffer stays pending and is rewritten.
-            self.retry_at = now + self.retry_pause
-            self.retry_pause = min(self.retry_pause * 2, 1.0)
+            self.failed(exc, now, syncing=syncing)
             return
         for i in done:
             used = ring.words[ring.used_w[i]]
@@ -258,29 +271,130 @@ class Flusher:
         for i in self.pending:
             self.reset(i)
         self.pending.clear()
+        self.retry_at = 0.0
         self.retry_pause = 0.05
+        self.attempts = 0
+        # The stall is over before writers wake: one that timed out meanwhile must
+        # not blame a disk that has room again.
+        ring.set_header(L.H_STALL_ERRNO, 0)
         ring.post_space()
 
-    def preallocate(self) -> None:
+    def failed(self, exc: OSError | ValueError, now: float, *, syncing: bool) -> None:
+        """Record a failed attempt at the pending batch and schedule the retry.
+
+        Nothing of the batch is reset, so every fill is still in shared memory and
+        the retry writes all of them again.  ENOSPC or EDQUOT from pwrite(2) or
+        posix_fallocate(2) means that call did not happen: an O_DIRECT write
+        reached no device, a buffered one dirtied no page it reports as written,
+        and the whole batch is written again before it is synced.  So waiting for
+        space loses nothing, and the ring only stalls.
+
+        A failed fdatasync(2) is different (PostgreSQL's "fsyncgate"): the kernel
+        may have marked the dirty pages clean after a failed writeback, and a
+        second fdatasync would succeed without writing them.  So it is never
+        retried on its own: the next attempt rewrites the whole batch first.  That,
+        and any other error (EIO, EFBIG, ...), gets _IO_ATTEMPTS attempts before
+        the ring is BROKEN; it is still retried after that, slowly, in case the
+        device recovers before the owner closes.
+        """
+        ring = self.ring
+        if isinstance(exc, ValueError):
+            # A descriptor whose extent is out of range (corrupted shared memory):
+            # refuse it like an I/O error rather than die (a restarted flusher would
+            # only find it again), but it will not heal by itself.
+            errno = E.EUCLEAN
+            self.attempts = _IO_ATTEMPTS
+        else:
+            errno = exc.errno or E.EIO
+            if syncing or errno not in _NO_SPACE:
+                self.attempts += 1
+        buffer = getattr(exc, "shmflush_buffer", None)
+        if self.attempts >= _IO_ATTEMPTS:
+            if not ring.status() & L.STATUS_BROKEN:
+                ring.set_header(L.H_ERROR_ERRNO, errno)
+                ring.set_header(L.H_ERROR_BUFFER, L.NO_BUFFER if buffer is None else buffer)
+                ring.set_header(L.H_STALL_ERRNO, 0)
+                ring.set_status(L.STATUS_BROKEN)
+        elif not ring.status() & L.STATUS_BROKEN:
+            ring.set_header(L.H_STALL_ERRNO, errno)
+        self.retry_at = now + self.retry_pause
+        self.retry_pause = min(self.retry_pause * 2, 1.0)
+
+    def preallocate(self, now: float) -> None:
         """Reserve file space ahead of the writes, in large extents.
 
         With the blocks allocated up front, most writes and fdatasyncs touch no
         allocation metadata.  The zero tail this leaves reads as a clean end of
         file, and a clean close cuts it off.  File systems that cannot do it
-        (EOPNOTSUPP and friends) are simply not preallocated.
+        (EOPNOTSUPP and friends) are simply not preallocated.  Where a whole
+        extent does not fit any more, only what the batch needs is allocated
+        for a while; if even that does not fit, the disk is full and the ENOSPC
+        (or EDQUOT) is raised: the batch waits for space (see failed()).
         """
         if not self.can_preallocate:
             return
         end = self.ring.header(L.H_NEXT_ADDRESS)
         if end <= self.allocated:
             return
-        target = (end + _PREALLOCATE - 1) // _PREALLOCATE * _PREALLOCATE + _PREALLOCATE
+        if now >= self.preallocate_whole_after:
+            target = (end + _PREALLOCATE - 1) // _PREALLOCATE * _PREALLOCATE + _PREALLOCATE
+            try:
+                os.posix_fallocate(self.fd, self.allocated, target - self.allocated)
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    self.can_preallocate = False
+                    return
+                self.preallocate_whole_after = now + _PREALLOCATE_BACKOFF
+            else:
+                self.allocated = target
+                return
         try:
-            os.posix_fallocate(self.fd, self.allocated, target - self.allocated)
-        except OSError:
-            self.can_preallocate = False
+            os.posix_fallocate(self.fd, self.allocated, end - self.allocated)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                self.can_preallocate = False
+                return
+            raise
+        self.allocated = end
+
+    def check_file(self, now: float, *, before_write: bool = False) -> None:
+        """Break the ring if its file was deleted or truncated under it.
+
+        Either loses records that were already written, and nothing else would
+        ever say so: writes to a deleted file succeed, and a truncated one just
+        grows a zero hole.  The loop calls this at most every 0.25 s.  The size
+        test only means something before our next write, which grows the file
+        back over the hole; so flush_pending also calls it (*before_write*) ahead
+        of each batch: one fstat(2) against a pwrite of at least 4 KiB.  A
+        truncation that lands while a batch is being written past it goes
+        unseen.  The size only counts below the end of what was written:
+        preallocation only grows the file, and the clean-close trim never cuts
+        below it.
+        """
+        if now < self.next_file_check and not before_write:
             return
-        self.allocated = target
+        self.next_file_check = now + 0.25
+        ring = self.ring
+        if ring.status() & L.STATUS_BROKEN:
+            return  # the first cause is the one to report
+        try:
+            st = os.fstat(self.fd)
+        except OSError:
+            return
+        if st.st_nlink == 0:
+            ring.set_header(L.H_ERROR_KIND, L.ERROR_FILE_DELETED)
+        else:
+            written = self.gaps.written_end()
+            if st.st_size >= written:
+                return
+            ring.set_header(L.H_ERROR_SIZE, st.st_size)
+            ring.set_header(L.H_ERROR_WRITTEN, written)
+            ring.set_header(L.H_ERROR_KIND, L.ERROR_FILE_TRUNCATED)
+        ring.set_header(L.H_STALL_ERRNO, 0)
+        # After the cause: a writer that sees BROKEN reads the cause next.  The
+        # flusher keeps writing what is in shared memory (so the owner's close()
+        # is not held up); records written after a truncation are still readable.
+        ring.set_status(L.STATUS_BROKEN)
 
     def trim(self) -> None:
         """Cut the preallocated zero tail (clean close)."""
@@ -372,6 +486,7 @@ class Flusher:
             self.seal_due(now, closing)
             incomplete = self.take_ready()
             self.flush_pending(now)
+            self.check_file(now)
             if now >= self.next_recovery:
                 self.next_recovery = now + min(0.05, self.recovery.timeout / 4)
                 self.recovery.run(now)
@@ -388,12 +503,18 @@ class Flusher:
                 if self.all_idle():
                     if not ring.status() & L.STATUS_BROKEN:
                         self.trim()
+                        # Every batch is synced already; this only makes the cut
+                        # durable, and a zero tail left by a failure reads as a
+                        # clean end of file.
                         if self.sync_data:
-                            os.fdatasync(self.fd)
+                            with contextlib.suppress(OSError):
+                                os.fdatasync(self.fd)
                     ring.set_status(L.STATUS_FLUSHER_DONE)
                     return 0
-                # Broken (disk full, I/O error): retry for a while, in case space
-                # comes back, but do not hold up the owner's close() for long.
+                # Broken (an I/O error that did not heal): retry a little longer,
+                # but do not hold up the owner's close() for long.  Stalled (the
+                # disk is full) is not broken: space may come back, so it waits
+                # as long as for a slow writer, and the owner's timeout decides.
                 limit = give_up_after / 6 if ring.status() & L.STATUS_BROKEN else give_up_after
                 if now - closing_since > limit:
                     # A writer that never releases its claim, or a disk that stays
@@ -461,6 +582,10 @@ class _Gaps:
         while mark in self.extents:
             mark = max(mark, self.extents.pop(mark))
         ring.set_header(L.H_WRITTEN_BELOW, mark)
+
+    def written_end(self) -> int:
+        """The end of the furthest range written (the file is at least this long)."""
+        return max(self.ring.header(L.H_WRITTEN_BELOW), max(self.extents.values(), default=0))
 
     def rebuild(self, path: bytes) -> None:
         """After a restart: find the segments a predecessor wrote above the mark."""

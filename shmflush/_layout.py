@@ -17,11 +17,25 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       96    recovery timeout in ns
       128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
       192   status        200 error errno   208 error buffer   216 waiters
+            (error errno and buffer: the write that broke the ring; buffer
+            NO_BUFFER when it was the batch's fdatasync or preallocation)
       256   flusher pid   264 flusher start  272 heartbeat (CLOCK_MONOTONIC ns)
       280   direct_io     288 buffers flushed 296 bytes written 304 syncs
       312   recovered (stuck fills recovered)   320 flusher restarts
       328   last flusher restart attempt (CLOCK_MONOTONIC ns)
       336   written below: the file is written up to here without a gap
+      344   stall errno: the error the flusher is retrying without breaking the
+            ring (ENOSPC, EDQUOT: the disk or quota is full; or an I/O error it
+            has not yet given up on); 0 while it writes.  Writers wait for
+            space meanwhile, and their timeouts name it.
+      352   error kind: what broke the ring (with status BROKEN):
+            0 ERROR_IO, an I/O error: its errno at 200, the buffer at 208
+              (errno 0 there: the flusher stopped, or the owner died);
+            1 ERROR_FILE_DELETED, the file's last link was removed while the
+              ring wrote it (fstat st_nlink 0);
+            2 ERROR_FILE_TRUNCATED, the file was cut to the size at 360, below
+              the bytes at 368 that had been written already.
+            Found by the flusher's fstat of the file, 4 times a second.
       512   file path, UTF-8, NUL-padded (up to 3584 bytes): lets any process
             restart the flusher on the same file
     4096                         64 * lanes      lane table: +0 lane word (below)
@@ -150,6 +164,10 @@ H_RECOVERED: Final = 312
 H_RESTARTS: Final = 320
 H_RESTART_AT: Final = 328  # CLOCK_MONOTONIC ns of the last restart attempt
 H_WRITTEN_BELOW: Final = 336  # every file byte below this was written (see _flusher)
+H_STALL_ERRNO: Final = 344  # the error the flusher retries without breaking the ring
+H_ERROR_KIND: Final = 352  # what broke the ring: ERROR_* below
+H_ERROR_SIZE: Final = 360  # ERROR_FILE_TRUNCATED: the size the file was cut to
+H_ERROR_WRITTEN: Final = 368  # ERROR_FILE_TRUNCATED: the bytes written before that
 H_PATH: Final = 512
 HEADER_SIZE: Final = 4096
 MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
@@ -158,6 +176,13 @@ MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
 STATUS_CLOSING: Final = 1 << 0  # the owner is closing: no new fills, drain and stop
 STATUS_BROKEN: Final = 1 << 1  # the flusher hit an error it cannot get past
 STATUS_FLUSHER_DONE: Final = 1 << 2  # the flusher drained everything and exited
+
+# H_ERROR_KIND values.
+ERROR_IO: Final = 0
+ERROR_FILE_DELETED: Final = 1
+ERROR_FILE_TRUNCATED: Final = 2
+# H_ERROR_BUFFER when the failure was not one buffer's write.
+NO_BUFFER: Final = (1 << 64) - 1
 
 # H_DIRECT_IO values.
 DIRECT_UNKNOWN: Final = 0

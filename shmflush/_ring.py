@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno as _errno
 import mmap
 import os
 import threading
@@ -227,19 +228,59 @@ class Ring:
         if status & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE):
             raise RingClosedError(f"ring {self.name!r} was closed by its owner")
 
-    def broken_error(self) -> RingBrokenError:
-        errno = self.header(L.H_ERROR_ERRNO)
-        if errno:
-            cause = OSError(errno, os.strerror(errno))
-            err = RingBrokenError(
-                f"ring {self.name!r}: the flusher failed to write buffer "
-                f"{self.header(L.H_ERROR_BUFFER)}: [Errno {errno}] {os.strerror(errno)}; "
-                "records still in shared memory are kept, but the ring takes no more",
-                errno,
+    def broken_reason(self) -> str:
+        """Why the ring is broken, in words, from the cause the flusher stored (the
+        ring's name is not in it)."""
+        kind = self.header(L.H_ERROR_KIND)
+        if kind in (L.ERROR_FILE_DELETED, L.ERROR_FILE_TRUNCATED):
+            path = os.fsdecode(L.read_path(self.view)) or "of the ring"
+            if kind == L.ERROR_FILE_DELETED:
+                return f"the file {path} was deleted while the ring was writing it"
+            return (
+                f"the file {path} was truncated to {self.header(L.H_ERROR_SIZE)} bytes "
+                f"below {self.header(L.H_ERROR_WRITTEN)} bytes already written"
             )
-            err.__cause__ = cause
-            return err
-        return RingBrokenError(f"ring {self.name!r}: the flusher stopped")
+        errno = self.header(L.H_ERROR_ERRNO)
+        if not errno:
+            return "the flusher stopped"
+        buffer = self.header(L.H_ERROR_BUFFER)
+        what = "write and sync a batch" if buffer == L.NO_BUFFER else f"write buffer {buffer}"
+        return f"the flusher failed to {what}: [Errno {errno}] {os.strerror(errno)}"
+
+    def broken_error(self) -> RingBrokenError:
+        reason = f"ring {self.name!r}: {self.broken_reason()}"
+        if self.header(L.H_ERROR_KIND) != L.ERROR_IO:
+            return RingBrokenError(f"{reason}; the ring takes no more records")
+        errno = self.header(L.H_ERROR_ERRNO)
+        if not errno:
+            return RingBrokenError(reason)
+        err = RingBrokenError(
+            f"{reason}; records still in shared memory are kept and retried, but the "
+            "ring takes no more",
+            errno,
+        )
+        err.__cause__ = OSError(errno, os.strerror(errno))
+        return err
+
+    def timeout_error(self, message: str) -> RingTimeoutError:
+        """A RingTimeoutError for *message*, saying why when the flusher is stalled
+        (``H_STALL_ERRNO``: typically a full disk), with that OSError chained."""
+        errno = self.header(L.H_STALL_ERRNO)
+        if not errno:
+            return RingTimeoutError(message)
+        path = os.fsdecode(L.read_path(self.view)) or "the ring's file"
+        if errno == _errno.ENOSPC:
+            hint = f"free space on the file system of {path}"
+        elif errno == _errno.EDQUOT:
+            hint = f"free space or raise the disk quota for {path}"
+        else:
+            hint = f"check the device that holds {path}"
+        err = RingTimeoutError(
+            f"{message}: the flusher cannot write: [Errno {errno}] {os.strerror(errno)}; "
+            f"it retries ({hint})"
+        )
+        err.__cause__ = OSError(errno, os.strerror(errno))
+        return err
 
     def flusher_alive(self) -> bool:
         return _proc.is_alive(self.header(L.H_FLUSHER_PID), self.header(L.H_FLUSHER_START))
@@ -559,7 +600,7 @@ class Ring:
             if result == MOVED:
                 return
             if deadline is not None and time.monotonic() >= deadline:
-                raise RingTimeoutError(f"ring {self.name!r}: no buffer space before timeout")
+                raise self.timeout_error(f"ring {self.name!r}: no buffer space before timeout")
             if result == NOT_DONE:
                 if not self.state(lane_word & L.LANE_INDEX_MASK) & L.SEALED:
                     return  # the fill is open again: retry the claim

@@ -292,7 +292,7 @@ def test_check_geometry_rejects_a_bad_parameter_naming_it(
         {"buffer_size": MIN_BUFFER_SIZE},
         {"buffer_size": MAX_BUFFER_SIZE},
         {"buffers": 2},
-        {"buffers": MAX_BUFFERS, "lanes": MAX_BUFFERS - 1, "max_writers": 64},
+        {"buffers": MAX_BUFFERS, "lanes": MAX_BUFFERS - 1, "max_writers": 63},
         {"lanes": 3},
         {"max_writers": 1},
         {"max_writers": MAX_WRITERS},

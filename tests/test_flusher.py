@@ -1,0 +1,467 @@
+"""The flusher's error handling (shmflush._flusher): a full disk, failing syncs,
+a file deleted or truncated under the ring, and what the owner's close()
+reports when the flusher gives up.
+
+Unit tests drive a bare ring's ``Flusher`` by hand (tests/bare.py,
+conftest's bare fixture), with os.pwrite, os.posix_fallocate or os.fdatasync replaced; the end
+to end test fills a real, small tmpfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bare import Bare, dead_claim
+
+import shmflush
+from shmflush import _flusher, _format
+from shmflush import _layout as L
+
+# Generous "did not hang" bounds, never timing assertions.
+DEADLINE_S = 10.0
+
+
+def _oserror(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _fill_one(bare: Bare, record: bytes) -> int:
+    """Append *record* in a fill of its own and seal it; returns the buffer."""
+    core = bare.core
+    bare.ring.append(record)
+    i = core.words[core.lane_w[0]] & L.LANE_INDEX_MASK
+    core.seal(i)
+    return i
+
+
+def _seal_all(bare: Bare) -> None:
+    for i in range(bare.core.geometry.buffers):
+        bare.core.seal(i)
+
+
+def _own(bare: Bare) -> None:
+    """Make the bare ring's handle its owner, as create() does, so that close()
+    runs the owner's shutdown (with this process standing in for the flusher)."""
+    bare.ring._owner_pid = os.getpid()
+
+
+def _append_until_timeout(
+    ring: shmflush.Ring,
+    record: Callable[[int], bytes],
+    timeout: float,
+    acknowledged: list[bytes],
+) -> shmflush.RingTimeoutError:
+    """Append record(0), record(1), ... until one times out; returns that error.
+    Every record whose append returned goes to *acknowledged*."""
+    for k in range(100_000):
+        data = record(k)
+        try:
+            ring.append(data, timeout=timeout)
+        except shmflush.RingTimeoutError as exc:
+            return exc
+        acknowledged.append(data)
+    raise AssertionError("100000 appends and no writer ever waited")
+
+
+class _Failing:
+    """Stand-in for an os function that raises OSError(*code*) while ``on``."""
+
+    def __init__(self, real: Callable[..., Any], code: int) -> None:
+        self.real = real
+        self.code = code
+        self.on = True
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.on:
+            raise _oserror(self.code)
+        return self.real(*args)
+
+
+@pytest.mark.parametrize("call", ["pwrite", "posix_fallocate"])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_stalls_the_ring_instead_of_breaking_it_and_it_heals_by_itself(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch, call: str, code: int
+) -> None:
+    core = bare.core
+    failing = _Failing(getattr(os, call), code)
+    monkeypatch.setattr(os, call, failing)
+    acknowledged = [b"first"]
+    _fill_one(bare, b"first")
+    bare.flush()
+    assert failing.calls, f"the flusher never called {call}"
+    stats = bare.ring.stats()
+    assert (stats.stalled, stats.broken) == (code, False)
+    assert not core.status() & L.STATUS_BROKEN
+    # Writers are not refused: they fill the other buffers, then wait for space,
+    # and a timeout says why.
+    timed_out = _append_until_timeout(
+        bare.ring, lambda k: bytes([k % 251]) * 1500, 0.1, acknowledged
+    )
+    assert len(acknowledged) > 2
+    assert os.strerror(code) in str(timed_out)
+    assert "it retries" in str(timed_out)
+    assert isinstance(timed_out.__cause__, OSError)
+    assert timed_out.__cause__.errno == code
+    # Retries while the disk stays full change nothing.
+    for now in (1e9, 2e9):
+        bare.flush()
+        bare.flusher.flush_pending(now)
+    assert bare.ring.stats().stalled == code
+    # Space comes back: the next retry writes everything and clears the stall.
+    failing.on = False
+    _seal_all(bare)
+    bare.flusher.take_ready()
+    bare.flusher.flush_pending(3e9)
+    stats = bare.ring.stats()
+    assert (stats.stalled, stats.broken) == (0, False)
+    assert all(core.state(i) & L.IDLE for i in range(core.geometry.buffers))
+    bare.ring.append(b"after")  # the ring takes records again
+    _seal_all(bare)
+    bare.flush()
+    assert bare.records() == [*acknowledged, b"after"]
+
+
+class _SyncLog:
+    """Records every pwrite and fdatasync; fdatasync fails *failures* times."""
+
+    def __init__(self, failures: int, code: int = errno.EIO) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.failures = failures
+        self.code = code
+        self.lock = threading.Lock()
+        self.real_pwrite = os.pwrite
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        with self.lock:
+            self.events.append(("pwrite", offset))
+        return self.real_pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        with self.lock:
+            self.events.append(("fdatasync", fd))
+            if self.failures:
+                self.failures -= 1
+                raise _oserror(self.code)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(os, "pwrite", self.pwrite)
+        monkeypatch.setattr(os, "fdatasync", self.fdatasync)
+
+    def attempts(self) -> list[set[int]]:
+        """The offsets written before each fdatasync."""
+        result: list[set[int]] = []
+        written: set[int] = set()
+        for kind, value in self.events:
+            if kind == "pwrite":
+                written.add(value)
+            else:
+                result.append(written)
+                written = set()
+        return result
+
+
+def test_a_failed_fdatasync_rewrites_the_whole_batch_before_it_syncs_again(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsyncgate: after a failed fdatasync the page cache may have dropped the
+    # batch; syncing again would "succeed" without writing it.
+    core = bare.core
+    bare.flusher.sync_data = True
+    log = _SyncLog(failures=2)
+    log.install(monkeypatch)
+    records = [b"a" * 100, b"b" * 3000, b"c" * 10]
+    buffers = [_fill_one(bare, r) for r in records]
+    addresses = {core.words[core.address_w[i]] for i in buffers}
+    bare.flush()
+    stats = bare.ring.stats()
+    assert (stats.stalled, stats.broken) == (errno.EIO, False)
+    for now in (1e9, 2e9):
+        bare.flusher.flush_pending(now)
+    assert log.attempts() == [addresses, addresses, addresses]
+    stats = bare.ring.stats()
+    assert (stats.stalled, stats.broken, stats.syncs) == (0, False, 1)
+    assert all(core.state(i) & L.IDLE for i in buffers)
+    assert bare.records() == records
+
+
+def test_a_fdatasync_that_keeps_failing_breaks_the_ring_and_close_reports_the_loss(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = bare.core
+    bare.flusher.sync_data = True
+    log = _SyncLog(failures=10**6)
+    log.install(monkeypatch)
+    records = [b"x" * 100, b"y" * 200]
+    buffers = [_fill_one(bare, r) for r in records]
+    addresses = {core.words[core.address_w[i]] for i in buffers}
+    bare.flush()
+    assert not core.status() & L.STATUS_BROKEN  # one failure is retried first
+    now = 0.0
+    while not core.status() & L.STATUS_BROKEN and now < 100:
+        now += 10
+        bare.flusher.flush_pending(now)
+    attempts = log.attempts()
+    assert len(attempts) == _flusher._IO_ATTEMPTS
+    assert all(written == addresses for written in attempts), "a retry synced without rewriting"
+    stats = bare.ring.stats()
+    assert (stats.broken, stats.stalled) == (True, 0)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.append(b"refused")
+    assert info.value.errno == errno.EIO
+    # The owner's close() after the flusher gave up (as its closing branch does).
+    _own(bare)
+    core.set_status(L.STATUS_FLUSHER_DONE)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.close()
+    nbytes = sum(_format.record_size(len(r)) for r in records)
+    message = str(info.value)
+    assert f"2 fills holding 2 records ({nbytes} bytes of records)" in message
+    assert "not written to the file durably" in message
+    assert "[Errno 5]" in message
+    assert info.value.errno == errno.EIO
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_close_after_the_flusher_gave_up_on_a_full_disk_names_exactly_what_was_lost(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = bare.core
+    monkeypatch.setattr(os, "pwrite", _Failing(os.pwrite, errno.ENOSPC))
+    written = [b"w" * 50]
+    _fill_one(bare, written[0])
+    bare.flush()
+    monkeypatch.undo()
+    bare.flusher.flush_pending(1e9)  # the first fill made it
+    lost = [bytes([k]) * 700 for k in range(12)]  # two fills' worth
+    monkeypatch.setattr(os, "pwrite", _Failing(os.pwrite, errno.ENOSPC))
+    for record in lost:
+        bare.ring.append(record)
+    _seal_all(bare)
+    bare.flusher.take_ready()
+    bare.flusher.flush_pending(2e9)
+    assert bare.ring.stats().stalled == errno.ENOSPC
+    fills = sum(1 for i in range(core.geometry.buffers) if not core.state(i) & L.IDLE)
+    _own(bare)
+    core.set_status(L.STATUS_FLUSHER_DONE)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.close()
+    nbytes = sum(_format.record_size(len(r)) for r in lost)
+    message = str(info.value)
+    assert "the flusher gave up draining" in message
+    assert f"{fills} fills holding 12 records ({nbytes} bytes of records)" in message
+    assert info.value.errno == errno.ENOSPC
+    assert bare.records() == written
+
+
+def test_close_that_times_out_on_a_full_disk_says_why_and_what_was_lost(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "pwrite", _Failing(os.pwrite, errno.ENOSPC))
+    _fill_one(bare, b"z" * 30)
+    bare.flush()
+    _own(bare)
+    # Nobody sets FLUSHER_DONE: the owner's wait runs out.
+    with pytest.raises(shmflush.RingTimeoutError) as info:
+        bare.ring.close(timeout=0.1)
+    message = str(info.value)
+    assert "did not drain within 0.1 s" in message
+    assert "No space left on device" in message
+    assert f"1 fill holding 1 record ({_format.record_size(30)} bytes" in message
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_close_counts_records_past_a_claim_that_was_never_finished(bare: Bare) -> None:
+    # A writer's unfinished claim that wrote nothing is zero: padding words,
+    # which the walk of the fill's record headers steps over.
+    core = bare.core
+    bare.ring.append(b"done")
+    dead_claim(core, 9, core.words[core.lane_w[0]], 64)
+    bare.ring.append(b"after the hole")
+    _seal_all(bare)
+    bare.flush()  # not taken: the dead claim is not committed
+    _own(bare)
+    core.set_status(L.STATUS_FLUSHER_DONE)
+    with pytest.raises(shmflush.RingBrokenError) as info:
+        bare.ring.close()
+    message = str(info.value)
+    assert "a writer never finished its claim" in message
+    assert "1 fill holding 2 records (" in message
+    assert bare.records() == []
+
+
+# -- a real full file system -----------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted under tmp_path (needs root: CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        # Lazily if busy: a failed test may still hold a file open there.
+        umount = subprocess.run(["umount", str(mount_point)], timeout=DEADLINE_S, check=False)
+        if umount.returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], timeout=DEADLINE_S, check=True)
+
+
+def _fill_up(path: Path) -> None:
+    """Write zeros to *path* until the file system is full."""
+    chunk = bytes(64 << 10)
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return
+
+
+def test_a_ring_on_a_full_file_system_waits_and_loses_nothing_once_space_is_freed(
+    small_fs: Path, ring_name: str
+) -> None:
+    path = small_fs / "log"
+    with warnings.catch_warnings():
+        # Older kernels' tmpfs refuses O_DIRECT; buffered writes stall the same way.
+        warnings.simplefilter("ignore", shmflush.DirectIOWarning)
+        ring = shmflush.create(ring_name, path, buffer_size=64 << 10, buffers=4, lanes=1)
+    acknowledged: list[bytes] = []
+    try:
+        for k in range(20):
+            record = b"before %d " % k + b"." * 500
+            ring.append(record)
+            acknowledged.append(record)
+        ring.sync(timeout=DEADLINE_S)
+        _fill_up(small_fs / "ballast")
+        # Append until writers wait: the disk is full, the ring stalls.
+        timed_out = _append_until_timeout(
+            ring, lambda k: b"during %d " % k + b"-" * (k % 3000), 1.0, acknowledged
+        )
+        assert "No space left on device" in str(timed_out)
+        stats = ring.stats()
+        assert (stats.stalled, stats.broken) == (errno.ENOSPC, False)
+        # A writer blocked in append is let through once space is freed.
+        late: list[BaseException | None] = []
+
+        def append_late() -> None:
+            try:
+                ring.append(b"late", timeout=DEADLINE_S)
+                late.append(None)
+            except BaseException as exc:  # reported below
+                late.append(exc)
+
+        writer = threading.Thread(target=append_late)
+        writer.start()
+        (small_fs / "ballast").unlink()
+        writer.join(DEADLINE_S + 1)
+        assert not writer.is_alive()
+        assert late == [None]
+        acknowledged.append(b"late")
+        ring.sync(timeout=DEADLINE_S)
+        stats = ring.stats()
+        assert (stats.stalled, stats.broken) == (0, False)
+    finally:
+        ring.close(timeout=DEADLINE_S)  # raises if anything was lost
+    assert list(shmflush.read(path)) == acknowledged
+
+
+# -- the file deleted or truncated under a live ring ----------------------------------
+
+
+def _damage_file(path: Path, damage: str) -> str:
+    """Delete or truncate *path*; returns what the ring's errors must say."""
+    if damage == "deleted":
+        path.unlink()
+        return f"the file {path} was deleted while the ring was writing it"
+    os.truncate(path, 0)
+    return f"the file {path} was truncated to 0 bytes below "
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_file_deleted_or_truncated_under_a_live_ring_breaks_it_and_says_so(
+    ring_name: str, tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "log"
+    ring = shmflush.create(ring_name, path, buffer_size=64 << 10, buffers=4, lanes=1)
+    close_error: shmflush.ShmflushError | None = None
+    try:
+        for k in range(50):
+            ring.append(b"written %d" % k)
+        ring.sync(timeout=DEADLINE_S)
+        said = _damage_file(path, damage)
+        # Appends and syncs go on until the flusher's next look at the file.
+        deadline = time.monotonic() + DEADLINE_S
+        broken: shmflush.RingBrokenError | None = None
+        while broken is None and time.monotonic() < deadline:
+            try:
+                ring.append(b"after", timeout=DEADLINE_S)
+                ring.sync(timeout=DEADLINE_S)
+            except shmflush.RingBrokenError as exc:
+                broken = exc
+            time.sleep(0.01)
+        assert broken is not None, f"the file was {damage} and the ring never said so"
+        assert said in str(broken)
+        assert ring.stats().broken
+        with pytest.raises(shmflush.RingBrokenError, match=re.escape(said)):
+            ring.append(b"refused")
+        with pytest.raises(shmflush.RingBrokenError, match=re.escape(said)):
+            ring.sync(timeout=DEADLINE_S)
+    finally:
+        started = time.monotonic()
+        try:
+            ring.close(timeout=DEADLINE_S)
+        except shmflush.ShmflushError as exc:
+            close_error = exc
+        closing = time.monotonic() - started
+    assert isinstance(close_error, shmflush.RingBrokenError)
+    assert said in str(close_error)
+    assert closing < DEADLINE_S, "close() hung on a damaged file"
+
+
+def test_the_flusher_does_not_take_its_own_preallocation_or_trim_for_a_truncation(
+    bare: Bare,
+) -> None:
+    # The size only counts below what was written: preallocation grows the file
+    # past it, and a file exactly as long as what was written is whole.
+    core = bare.core
+    _fill_one(bare, b"x" * 5000)
+    bare.flush()
+    written = core.header(L.H_WRITTEN_BELOW)
+    assert written > 0
+    for size in (written, written + (64 << 20)):
+        os.truncate(bare.path, size)
+        bare.flusher.next_file_check = 0.0
+        bare.flusher.check_file(1.0)
+        assert not core.status() & L.STATUS_BROKEN, f"size {size} taken for damage"
+    os.truncate(bare.path, written - 4096)
+    bare.flusher.next_file_check = 0.0
+    bare.flusher.check_file(1.0)
+    assert core.status() & L.STATUS_BROKEN
+    assert core.header(L.H_ERROR_KIND) == L.ERROR_FILE_TRUNCATED
+    assert (core.header(L.H_ERROR_SIZE), core.header(L.H_ERROR_WRITTEN)) == (
+        written - 4096,
+        written,
+    )
