@@ -22,6 +22,7 @@ from . import _atomic, _faults, _format, _proc
 from . import _layout as L
 from ._errors import (
     CorruptRingError,
+    ForeignFileError,
     RecordTooLargeError,
     RingBrokenError,
     RingClosedError,
@@ -814,8 +815,10 @@ def create(
       slow (or stopped) it is.
 
     Raises :class:`RingExistsError`, :class:`ValueError`/:class:`TypeError` for bad
-    arguments, :class:`OSError` if the file cannot be opened, and
-    :class:`ShmflushError` if the file is in use by another ring.
+    arguments, :class:`OSError` if the file cannot be opened,
+    :class:`ForeignFileError` if the file is not empty yet holds no shmflush
+    segment (the file is then left untouched; a file of only zero bytes counts as
+    empty), and :class:`ShmflushError` if the file is in use by another ring.
     """
     L.check_name(name)
     if not isinstance(path, (str, os.PathLike)):
@@ -857,9 +860,7 @@ def create(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ShmflushError(f"{path} is in use by another shmflush ring") from None
-        address, next_seq = find_append_point(fd)
-        if os.fstat(fd).st_size > address:
-            os.ftruncate(fd, address)  # cut a torn or zero tail; it holds no valid segment
+        address, next_seq = _append_point(fd, path)
         mm = L.create_segment(name, geometry.total_size, mode, exist_ok=False)
         view = memoryview(mm)
         try:
@@ -899,6 +900,48 @@ def create(
         os.close(fd)
     _owned.add(ring)
     return ring
+
+
+def _append_point(fd: int, path: str) -> tuple[int, int]:
+    """Where the new ring appends to the locked file *fd*: ``(address, next_seq)``.
+
+    Cuts what follows the last valid segment (a torn or zero tail), and raises
+    :class:`ForeignFileError`, touching nothing, for a file that is not ours.
+    """
+    address, next_seq = find_append_point(fd)
+    size = os.fstat(fd).st_size
+    if not address and size and not _holds_nothing_or_a_torn_start(fd, size):
+        # Not empty, yet no valid segment: somebody else's file (a log, a
+        # database) given by mistake.  Truncating it would destroy it.
+        raise ForeignFileError(
+            path,
+            f"not a shmflush file: no valid segment in {size} bytes; move it away "
+            "or pick another path",
+        )
+    if size > address:
+        os.ftruncate(fd, address)  # the tail holds no valid segment
+    return address, next_seq
+
+
+def _holds_nothing_or_a_torn_start(fd: int, size: int) -> bool:
+    """For a file with no valid segment: may create() truncate it and start over?
+
+    Yes if every byte is zero (a preallocated tail, nothing written), or if a
+    segment header that checks out sits at offset 0: a shmflush file whose first
+    segment was torn by a crash.  Anything else is not ours.
+    """
+    head = _format.parse_segment_header(os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0), 0)
+    if not isinstance(head, str):
+        return True
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            return True  # shrank while we looked: what is gone held nothing
+        if chunk.count(0) != len(chunk):
+            return False
+        offset += len(chunk)
+    return True
 
 
 def _remove_dead_ring(name: str, wait: float = 10.0) -> None:

@@ -75,6 +75,24 @@ class CorruptRingError(ShmflushError):
     unknown version, or a field out of range)."""
 
 
+class ForeignFileError(ShmflushError):
+    """:func:`shmflush.create` refuses a path that is not a shmflush file.
+
+    Raised for a non-empty file that holds no valid shmflush segment (somebody
+    else's log or database, given by mistake): appending would mean truncating
+    it.  The file is left exactly as it was.  ``path`` names the file and
+    ``reason`` says why it was refused.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.reason)
+
+
 class CorruptFileError(ShmflushError):
     """The file holds a damaged or torn stretch.
 

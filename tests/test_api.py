@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import pickle
@@ -657,6 +658,66 @@ def test_a_torn_tail_is_cut_off_before_appending(ring_name: str, tmp_path: Path)
     # ... and reads strictly, with every record of both runs, once the ring appended.
     records, reader = _read_all(path)
     assert records == expected
+    assert reader.damaged == []
+
+
+def _fingerprint(path: Path) -> tuple[int, str]:
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"".join(b"2024-05-01 12:00:%02d INFO job %d done\n" % (i % 60, i) for i in range(400)),
+        random.Random(5).randbytes(10_000),
+    ],
+    ids=["text log", "random bytes"],
+)
+def test_create_refuses_a_file_that_is_not_ours_and_leaves_it_byte_for_byte(
+    ring_name: str, tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "app.log"
+    path.write_bytes(content)
+    before = _fingerprint(path)
+    with pytest.raises(shmflush.ForeignFileError) as info:
+        _create(ring_name, path)
+    assert str(info.value) == (
+        f"{path}: not a shmflush file: no valid segment in {len(content)} bytes; move it "
+        "away or pick another path"
+    )
+    assert info.value.path == str(path)
+    assert _fingerprint(path) == before
+    assert _shm_entries_for(ring_name) == []  # no segment, semaphores or flusher left
+
+
+def test_create_reuses_a_file_of_only_zero_bytes(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(bytes(3 * 4096 + 5))
+    with _create(ring_name, path) as ring:
+        ring.append(b"over the zeros")
+    records, reader = _read_all(path)
+    assert records == [b"over the zeros"]
+    assert reader.damaged == []
+
+
+def test_create_starts_over_on_a_shmflush_file_whose_only_segment_is_torn(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    with _create(ring_name, path) as ring:
+        ring.append(b"torn by the crash")
+    # Damage the payload, not the header: what a crash in the middle of the
+    # first write leaves (the header block made it to disk, the rest did not).
+    with open(path, "r+b") as f:
+        f.seek(64 + 8)  # the first record's payload, after the segment and record headers
+        f.write(b"\xff" * 8)
+    with pytest.raises(shmflush.CorruptFileError):
+        _read_all(path)
+    with _create(ring_name + "-2", path) as ring:
+        ring.append(b"after the crash")
+    records, reader = _read_all(path)
+    assert records == [b"after the crash"]
     assert reader.damaged == []
 
 

@@ -16,6 +16,7 @@ import shmflush
         shmflush.RingNotFoundError("jobs"),
         shmflush.RingExistsError("jobs"),
         shmflush.CorruptFileError("/x.log", 4096, "bad magic"),
+        shmflush.ForeignFileError("/x.log", "not a shmflush file"),
         shmflush.RingBrokenError("disk full", errno.ENOSPC),
         shmflush.RingClosedError("closed"),
         shmflush.RingTimeoutError("late"),
