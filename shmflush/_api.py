@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno as _errno
 import fcntl
 import math
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -816,9 +818,11 @@ def create(
 
     Raises :class:`RingExistsError`, :class:`ValueError`/:class:`TypeError` for bad
     arguments, :class:`OSError` if the file cannot be opened,
-    :class:`ForeignFileError` if the file is not empty yet holds no shmflush
-    segment (the file is then left untouched; a file of only zero bytes counts as
-    empty), and :class:`ShmflushError` if the file is in use by another ring.
+    :class:`ForeignFileError` if *path* is not a regular file (a directory, a
+    device, a FIFO), is on a file system that cannot make it durable (``/proc``),
+    or is not empty yet holds no shmflush segment (the file is then left
+    untouched; a file of only zero bytes counts as empty), and
+    :class:`ShmflushError` if the file is in use by another ring.
     """
     L.check_name(name)
     if not isinstance(path, (str, os.PathLike)):
@@ -846,13 +850,21 @@ def create(
     encoded = os.fsencode(os.path.abspath(path))
     if len(encoded) > L.MAX_PATH_BYTES:
         raise ValueError(f"path must be at most {L.MAX_PATH_BYTES} bytes, got {len(encoded)}")
+    # Before opening: opening a FIFO or some devices blocks, or has side effects.
+    with suppress(FileNotFoundError):
+        _check_regular(os.stat(path).st_mode, path)
     if exist_ok:
         _remove_dead_ring(name)
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    # O_NONBLOCK: a path swapped for a FIFO or a device after the stat must not
+    # block the open either; it is cleared once fstat says the file is regular.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
     core: _Core | None = None
     ring: Ring | None = None
     try:
+        _check_regular(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
+        _check_syncable(fd, path)
         try:
             # The flusher inherits this open file description, and with it the lock:
             # a second ring on the same file would interleave segments at the same
@@ -900,6 +912,45 @@ def create(
         os.close(fd)
     _owned.add(ring)
     return ring
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular(mode: int, path: str) -> None:
+    """Raise :class:`ForeignFileError` unless *mode* (from stat(2)) is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+    raise ForeignFileError(
+        path, f"not a regular file ({kind}); shmflush appends only to regular files"
+    )
+
+
+def _check_syncable(fd: int, path: str) -> None:
+    """Refuse a regular file that cannot be made durable (``/proc``, ``/sys``).
+
+    Such files pass every other check (``/proc/version`` is a regular, empty
+    file), but fdatasync(2) fails on them with EINVAL and the flusher could never
+    finish a batch.  One fdatasync of a file that has nothing to write is cheap.
+    """
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno != _errno.EINVAL:
+            raise
+        raise ForeignFileError(
+            path,
+            f"its file system cannot make it durable (fdatasync(2): [Errno {exc.errno}] "
+            f"{exc.strerror}); pick a path on a disk-backed file system, not under /proc "
+            "or /sys",
+        ) from exc
 
 
 def _append_point(fd: int, path: str) -> tuple[int, int]:

@@ -78,10 +78,12 @@ class CorruptRingError(ShmflushError):
 class ForeignFileError(ShmflushError):
     """:func:`shmflush.create` refuses a path that is not a shmflush file.
 
-    Raised for a non-empty file that holds no valid shmflush segment (somebody
-    else's log or database, given by mistake): appending would mean truncating
-    it.  The file is left exactly as it was.  ``path`` names the file and
-    ``reason`` says why it was refused.
+    Raised for a path that is not a regular file (a directory, a device, a FIFO),
+    for a file on a file system that cannot make it durable (``/proc``, where
+    fdatasync(2) fails), and for a non-empty file that holds no valid shmflush
+    segment (somebody else's log or database, given by mistake: appending would
+    mean truncating it).  The file is left exactly as it was.  ``path`` names
+    the file and ``reason`` says why it was refused.
     """
 
     def __init__(self, path: str, reason: str) -> None:

@@ -721,6 +721,53 @@ def test_create_starts_over_on_a_shmflush_file_whose_only_segment_is_torn(
     assert reader.damaged == []
 
 
+def _special_path(kind: str, tmp_path: Path) -> Path:
+    if kind == "directory":
+        (tmp_path / "dir").mkdir()
+        return tmp_path / "dir"
+    if kind == "FIFO":
+        os.mkfifo(tmp_path / "fifo")
+        return tmp_path / "fifo"
+    return Path(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("/dev/null", "not a regular file (a character device)"),
+        ("directory", "not a regular file (a directory)"),
+        ("FIFO", "not a regular file (a FIFO)"),
+        ("/proc/version", "its file system cannot make it durable"),
+    ],
+)
+def test_create_refuses_a_path_that_is_not_a_regular_file_fast_leaving_nothing_behind(
+    ring_name: str, tmp_path: Path, kind: str, reason: str
+) -> None:
+    path = _special_path(kind, tmp_path)
+    before = os.stat(path)
+    # Only root may open /proc/version for writing; anyone else is refused by open(2).
+    expected: type[Exception] = (
+        PermissionError
+        if kind == "/proc/version" and os.geteuid() != 0
+        else shmflush.ForeignFileError
+    )
+    started = time.monotonic()
+    with pytest.raises(expected) as info:
+        _create(ring_name, path)
+    # It used to be accepted, and close() hung for a minute on a flusher that
+    # could not fdatasync; a FIFO must not block the open either.
+    assert time.monotonic() - started < 5.0
+    if expected is shmflush.ForeignFileError:
+        assert str(info.value).startswith(f"{path}: {reason}")
+    after = os.stat(path)
+    assert (after.st_mode, after.st_ino, after.st_size) == (
+        before.st_mode,
+        before.st_ino,
+        before.st_size,
+    )
+    assert _shm_entries_for(ring_name) == []  # no segment, semaphores or flusher left
+
+
 # -- a dead owner -----------------------------------------------------------------------
 
 
