@@ -297,7 +297,9 @@ class Ring:
                     "gave up draining and its buffer was not written"
                 )
         finally:
-            L.unlink_segment(self.name)
+            # Only if the name is still ours: the segment may have been removed
+            # behind our back and the name given to a new ring.
+            L.unlink_segment_if_same(self.name, core.header(L.H_RING_ID))
         return error
 
     def _restart_flusher(self, core: _Core) -> None:

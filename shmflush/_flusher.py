@@ -419,19 +419,6 @@ def _wait_for_leases(ring: Ring, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _unlink_if_same(name: str, ring_id: int) -> None:
-    try:
-        current = attach_ring(name)
-    except ShmflushError:
-        return
-    try:
-        same = current.header(L.H_RING_ID) == ring_id
-    finally:
-        current.unmap()
-    if same:
-        L.unlink_segment(name)
-
-
 class _Gaps:
     """Keeps the file free of holes.
 
@@ -601,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             # then unlink, but only if the name still means *this* ring:
             # create(exist_ok=True) may have replaced it.
             _wait_for_leases(ring, 10.0)
-            _unlink_if_same(args.name, ring.header(L.H_RING_ID))
+            L.unlink_segment_if_same(args.name, ring.header(L.H_RING_ID))
         return status
     finally:
         if fd is not None:

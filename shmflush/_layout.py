@@ -496,6 +496,33 @@ def open_segment(name: str) -> tuple[mmap.mmap, Geometry]:
     return mm, geometry
 
 
+def unlink_segment_if_same(name: str, ring_id: int) -> bool:
+    """Unlink ring *name*, as :func:`unlink_segment`, only while that name still
+    refers to the ring whose ``H_RING_ID`` is *ring_id*; True if it did.
+
+    Whoever removes a ring late (its owner's close, a flusher after its owner
+    died) must not remove a newer ring of the same name: the old one may have
+    been unlinked behind its back (``python -m shmflush cleanup``, by hand, or
+    ``create(exist_ok=True)``) and the name created again.  The caller passes the
+    id it reads from its own mapping, so a ring whose header was scribbled on
+    still matches itself.  If the name holds no segment, nothing is unlinked:
+    semaphores left under it may already belong to a ring being created.  The
+    check and the unlink are two steps; a ring created by somebody else between
+    them is not protected, which needs a removal and a creation in that window.
+    """
+    try:
+        shm = posix_ipc.SharedMemory(shm_name(name))
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return False
+    try:
+        current = os.pread(shm.fd, 8, H_RING_ID)
+    finally:
+        shm.close_fd()
+    if len(current) != 8 or int.from_bytes(current, "little") != ring_id:
+        return False
+    return unlink_segment(name)
+
+
 def unlink_segment(name: str) -> bool:
     """Remove the shared-memory object and semaphores of ring *name*; True if the
     object existed."""

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import posix_ipc
 import pytest
 
 import shmflush
+from shmflush import _layout as L
 
 SHM_DIR = "/dev/shm"
 # How long a flusher may take to exit, or a time-based seal to reach the file.
@@ -612,6 +614,35 @@ def test_two_rings_cannot_append_to_the_same_file(ring_name: str, tmp_path: Path
         assert _shm_entries_for(ring_name + "-b") == []
         ring.append(b"first ring again")
     assert _read_all(path)[0] == [b"first ring", b"first ring again"]
+
+
+@pytest.mark.parametrize("removal", ["segment and semaphores", "segment only"])
+def test_owner_close_does_not_unlink_a_new_ring_that_took_its_name(
+    ring_name: str, tmp_path: Path, removal: str
+) -> None:
+    first = _create(ring_name, tmp_path / "first")
+    try:
+        first.append(b"first ring")
+        # Removed behind the owner's back (cleanup-like, or by hand), then the
+        # name is created again for another file.
+        if removal == "segment only":
+            posix_ipc.unlink_shared_memory(L.shm_name(ring_name))
+        else:
+            L.unlink_segment(ring_name)
+        second = _create(ring_name, tmp_path / "second")
+    finally:
+        first.close()
+    try:
+        assert _shm_entries_for(ring_name)  # the new ring is still there
+        second.append(b"second ring")
+        attached = shmflush.attach(ring_name)
+        attached.append(b"second ring, attached")
+        attached.close()
+    finally:
+        second.close()
+    assert _read_all(tmp_path / "first")[0] == [b"first ring"]
+    assert _read_all(tmp_path / "second")[0] == [b"second ring", b"second ring, attached"]
+    assert _shm_entries_for(ring_name) == []
 
 
 # -- appending to an existing file ----------------------------------------------------
