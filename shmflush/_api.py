@@ -8,6 +8,7 @@ import errno as _errno
 import fcntl
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -589,6 +590,11 @@ class Ring:
 
         if not isinstance(array, np.ndarray):
             raise TypeError(f"append_array() needs a numpy array, not {type(array).__name__}")
+        if array.dtype.hasobject:
+            raise TypeError(
+                f"append_array() array must not hold Python objects (dtype {array.dtype}): "
+                "object pointers mean nothing in a file; use a numeric or structured dtype"
+            )
         if array.ndim < 1:
             raise ValueError("append_array() needs an array with at least one dimension")
         if not array.flags.c_contiguous:
@@ -772,9 +778,26 @@ def _as_bytes(data: Any) -> memoryview:
         raise ValueError(
             "a record must be C-contiguous; copy it first (bytes(x) or np.ascontiguousarray)"
         )
+    if "O" in view.format and _holds_objects(view.format):
+        # Object pointers (numpy dtype=object) mean nothing in a file, and the
+        # objects they point to are not kept alive by it.
+        raise TypeError(
+            f"a record (data, or an item of records) must not hold Python objects: "
+            f"{type(data).__name__} with buffer format {view.format!r} holds object "
+            "pointers; serialise the objects first (pickle, json) or use a numeric dtype"
+        )
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view
+
+
+def _holds_objects(fmt: str) -> bool:
+    """Does struct/PEP 3118 format *fmt* hold an ``O`` (Python object) code?
+
+    Field names of structured formats (``T{<d:Oxygen:}``) sit between colons and
+    are not codes.
+    """
+    return "O" in re.sub(r":[^:]*:", "", fmt)
 
 
 def _default_lanes(buffers: int) -> int:

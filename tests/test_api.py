@@ -162,6 +162,39 @@ def test_append_rejects_a_non_contiguous_buffer_with_value_error(
     assert _read_all(path)[0] == [b"before", b"after"]
 
 
+_OBJECT_ARRAYS: list[Callable[[], Any]] = [
+    lambda: np.array([object(), object()]),
+    lambda: np.zeros(3, dtype=[("Oxygen", "f8"), ("label", "O")]),
+]
+
+
+@pytest.mark.parametrize("make", _OBJECT_ARRAYS, ids=["dtype-object", "structured-object-field"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ring, array: ring.append(array),
+        lambda ring, array: ring.append_many([b"fine", array]),
+        lambda ring, array: ring.append_array(array),
+    ],
+    ids=["append", "append_many", "append_array"],
+)
+def test_append_refuses_an_object_array_instead_of_writing_its_pointers(
+    ring_name: str,
+    tmp_path: Path,
+    make: Callable[[], Any],
+    call: Callable[[shmflush.Ring, Any], object],
+) -> None:
+    path = tmp_path / "log"
+    with _create(ring_name, path) as ring:
+        ring.append(b"before")
+        array = make()
+        with pytest.raises(TypeError, match="must not hold Python objects"):
+            call(ring, array)
+        # A field name with an O in it is not an object field.
+        ring.append(np.array([(1.5,)], dtype=[("Oxygen", "f8")]))
+    assert _read_all(path)[0] == [b"before", np.float64(1.5).tobytes()]
+
+
 def test_a_record_of_max_record_bytes_fits_and_one_more_byte_does_not(
     ring_name: str, tmp_path: Path
 ) -> None:
