@@ -367,7 +367,7 @@ class Flusher:
                 if not _proc.is_alive(*owner) and not ring.status() & L.STATUS_CLOSING:
                     # The owner died without close(): drain what is committed, then
                     # stop, and tell writers why instead of letting them hang.
-                    ring.set_status(L.STATUS_CLOSING | L.STATUS_BROKEN)
+                    ring.set_status(L.STATUS_CLOSING | L.STATUS_BROKEN | L.STATUS_OWNER_DEAD)
             closing = bool(ring.status() & L.STATUS_CLOSING)
             self.seal_due(now, closing)
             incomplete = self.take_ready()

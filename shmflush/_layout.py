@@ -30,6 +30,15 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
     LEASES_END                   8 * max_writers * buffers   commit counters (below)
     DATA (4096-aligned)          buffer_size * buffers   the buffers
 
+Status word (header offset 192), bits set with an atomic OR and never cleared::
+
+    0  CLOSING       the owner is closing: no new fills; drain and stop
+    1  BROKEN        the ring takes no more records (an error the flusher cannot
+                     get past, with its errno at 200, or OWNER_DEAD)
+    2  FLUSHER_DONE  the flusher drained everything and exited
+    3  OWNER_DEAD    the owner died without close(); set by the flusher together
+                     with CLOSING and BROKEN, so writers can be told why
+
 Every lane and descriptor owns a 64-byte cache line, so writers on different lanes
 never contend on one line, and the flusher's scans do not disturb the state words
 more than it must.
@@ -149,6 +158,7 @@ MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
 STATUS_CLOSING: Final = 1 << 0  # the owner is closing: no new fills, drain and stop
 STATUS_BROKEN: Final = 1 << 1  # the flusher hit an error it cannot get past
 STATUS_FLUSHER_DONE: Final = 1 << 2  # the flusher drained everything and exited
+STATUS_OWNER_DEAD: Final = 1 << 3  # the owner died without close() (with CLOSING|BROKEN)
 
 # H_DIRECT_IO values.
 DIRECT_UNKNOWN: Final = 0

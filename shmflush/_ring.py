@@ -233,6 +233,13 @@ class Ring:
             )
             err.__cause__ = cause
             return err
+        if self.status() & L.STATUS_OWNER_DEAD:
+            path = L.read_path(self.view).decode(errors="replace")
+            return RingBrokenError(
+                f"ring {self.name!r}: its owner (pid {self.header(L.H_OWNER_PID)}) died "
+                f"without close(); committed records are drained to {path}, the ring "
+                "takes no more"
+            )
         return RingBrokenError(f"ring {self.name!r}: the flusher stopped")
 
     def flusher_alive(self) -> bool:
