@@ -1032,13 +1032,22 @@ def _remove_dead_ring(name: str, wait: float = 10.0) -> None:
         L.unlink_segment(name)  # missing, half-made or corrupt: nothing to keep
         return
     try:
-        if _proc.is_alive(core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START)):
-            raise RingExistsError(name)
+        owner = core.header(L.H_OWNER_PID)
+        if _proc.is_alive(owner, core.header(L.H_OWNER_START)):
+            raise RingExistsError(
+                name,
+                f"its owner (pid {owner}) is alive; exist_ok=True only replaces rings "
+                "whose owner died",
+            )
         flusher = core.header(L.H_FLUSHER_PID), core.header(L.H_FLUSHER_START)
         deadline = time.monotonic() + wait
         while _proc.is_alive(*flusher):
             if time.monotonic() > deadline:
-                raise RingExistsError(name)
+                raise RingExistsError(
+                    name,
+                    f"its owner (pid {owner}) died, but its flusher (pid {flusher[0]}) "
+                    f"is still draining it after {wait:g} s; try again once it exits",
+                )
             time.sleep(0.01)
     finally:
         core.unmap()

@@ -57,17 +57,24 @@ class RingNotFoundError(ShmflushError, FileNotFoundError):
 
 
 class RingExistsError(ShmflushError, FileExistsError):
-    """A ring of that name already exists (pass ``exist_ok=True`` to replace it)."""
+    """A ring of that name already exists.
 
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            _errno.EEXIST,
-            f"a shmflush ring named {name!r} already exists; pass exist_ok=True to replace it",
-            name,
+    Without a *reason* the message suggests ``exist_ok=True``; ``create`` passes
+    a reason when that would not help (the owner is alive), and the message then
+    says why the ring was kept: "a shmflush ring named 'x' exists and <reason>".
+    """
+
+    def __init__(self, name: str, reason: str | None = None) -> None:
+        self.reason = reason
+        message = (
+            f"a shmflush ring named {name!r} already exists; pass exist_ok=True to replace it"
+            if reason is None
+            else f"a shmflush ring named {name!r} exists and {reason}"
         )
+        super().__init__(_errno.EEXIST, message, name)
 
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return type(self), (str(self.filename),)
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        return type(self), (str(self.filename), self.reason)
 
 
 class CorruptRingError(ShmflushError):

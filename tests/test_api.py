@@ -638,6 +638,20 @@ def test_create_with_the_name_of_a_live_ring_raises_ring_exists(
     assert _read_all(path)[0] == [b"kept", b"via attach", b"still open"]
 
 
+def test_exist_ok_with_a_live_owner_does_not_tell_the_user_to_pass_exist_ok(
+    ring_name: str, tmp_path: Path
+) -> None:
+    with _create(ring_name, tmp_path / "log") as ring:
+        with pytest.raises(shmflush.RingExistsError) as info:
+            _create(ring_name, tmp_path / "other", exist_ok=True)
+        assert info.value.strerror == (
+            f"a shmflush ring named {ring_name!r} exists and its owner (pid {os.getpid()}) "
+            "is alive; exist_ok=True only replaces rings whose owner died"
+        )
+        ring.append(b"still the owner")
+    assert _read_all(tmp_path / "log")[0] == [b"still the owner"]
+
+
 def test_two_rings_cannot_append_to_the_same_file(ring_name: str, tmp_path: Path) -> None:
     path = tmp_path / "log"
     with _create(ring_name, path) as ring:
