@@ -38,14 +38,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import posix_ipc
-
 from . import _faults, _format, _proc
 from . import _layout as L
 from ._atomic import compare_exchange as _cas
 from ._errors import ShmflushError
 from ._recovery import Recovery
-from ._ring import Ring, attach_ring
+from ._ring import Ring, acquire, attach_ring
 
 _READY = L.SEALED | L.CLOSED
 # Threads writing fills at once (see Flusher.write_all).
@@ -358,8 +356,7 @@ class Flusher:
         next_owner_check = 0.0
         closing_since = 0.0
         while True:
-            with contextlib.suppress(posix_ipc.BusyError):
-                sem.acquire(wait)
+            acquire(sem, wait)
             now = time.monotonic()
             ring.set_header(L.H_HEARTBEAT_NS, time.monotonic_ns())
             if now >= next_owner_check:
