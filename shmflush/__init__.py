@@ -9,6 +9,7 @@ from ._api import DirectIOWarning, Ring, Stats, attach, create
 from ._errors import (
     CorruptFileError,
     CorruptRingError,
+    ForeignFileError,
     RecordTooLargeError,
     RingBrokenError,
     RingClosedError,
@@ -24,6 +25,7 @@ __all__ = [
     "CorruptRingError",
     "Damage",
     "DirectIOWarning",
+    "ForeignFileError",
     "Reader",
     "RecordTooLargeError",
     "Ring",

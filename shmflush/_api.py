@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno as _errno
 import fcntl
 import math
 import os
+import re
+import stat
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ from . import _atomic, _faults, _format, _proc
 from . import _layout as L
 from ._errors import (
     CorruptRingError,
+    ForeignFileError,
     RecordTooLargeError,
     RingBrokenError,
     RingClosedError,
@@ -434,7 +438,9 @@ class Ring:
                     flusher.wait()
             error = _drain_error(core, error)
         finally:
-            L.unlink_segment(self.name)
+            # Only if the name is still ours: the segment may have been removed
+            # behind our back and the name given to a new ring.
+            L.unlink_segment_if_same(self.name, core.header(L.H_RING_ID))
         return error
 
     def _restart_flusher(self, core: _Core) -> None:
@@ -784,6 +790,11 @@ class Ring:
 
         if not isinstance(array, np.ndarray):
             raise TypeError(f"append_array() needs a numpy array, not {type(array).__name__}")
+        if array.dtype.hasobject:
+            raise TypeError(
+                f"append_array() array must not hold Python objects (dtype {array.dtype}): "
+                "object pointers mean nothing in a file; use a numeric or structured dtype"
+            )
         if array.ndim < 1:
             raise ValueError("append_array() needs an array with at least one dimension")
         if not array.flags.c_contiguous:
@@ -1191,9 +1202,26 @@ def _as_bytes(data: Any) -> memoryview:
         raise ValueError(
             "a record must be C-contiguous; copy it first (bytes(x) or np.ascontiguousarray)"
         )
+    if "O" in view.format and _holds_objects(view.format):
+        # Object pointers (numpy dtype=object) mean nothing in a file, and the
+        # objects they point to are not kept alive by it.
+        raise TypeError(
+            f"a record (data, or an item of records) must not hold Python objects: "
+            f"{type(data).__name__} with buffer format {view.format!r} holds object "
+            "pointers; serialise the objects first (pickle, json) or use a numeric dtype"
+        )
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view
+
+
+def _holds_objects(fmt: str) -> bool:
+    """Does struct/PEP 3118 format *fmt* hold an ``O`` (Python object) code?
+
+    Field names of structured formats (``T{<d:Oxygen:}``) sit between colons and
+    are not codes.
+    """
+    return "O" in re.sub(r":[^:]*:", "", fmt)
 
 
 def _default_lanes(buffers: int) -> int:
@@ -1238,7 +1266,11 @@ def create(
       slow (or stopped) it is.
 
     Raises :class:`RingExistsError`, :class:`ValueError`/:class:`TypeError` for bad
-    arguments, :class:`OSError` if the file cannot be opened, and
+    arguments, :class:`OSError` if the file cannot be opened,
+    :class:`ForeignFileError` if *path* is not a regular file (a directory, a
+    device, a FIFO), is on a file system that cannot make it durable (``/proc``),
+    or is not empty yet holds no shmflush segment (the file is then left
+    untouched; a file of only zero bytes counts as empty), and
     :class:`ShmflushError` if the file is in use by another ring.
     """
     L.check_name(name)
@@ -1267,13 +1299,21 @@ def create(
     encoded = os.fsencode(os.path.abspath(path))
     if len(encoded) > L.MAX_PATH_BYTES:
         raise ValueError(f"path must be at most {L.MAX_PATH_BYTES} bytes, got {len(encoded)}")
+    # Before opening: opening a FIFO or some devices blocks, or has side effects.
+    with suppress(FileNotFoundError):
+        _check_regular(os.stat(path).st_mode, path)
     if exist_ok:
         _remove_dead_ring(name)
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    # O_NONBLOCK: a path swapped for a FIFO or a device after the stat must not
+    # block the open either; it is cleared once fstat says the file is regular.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
     core: _Core | None = None
     ring: Ring | None = None
     try:
+        _check_regular(os.fstat(fd).st_mode, path)
+        os.set_blocking(fd, True)
+        _check_syncable(fd, path)
         try:
             # The flusher inherits this open file description, and with it the lock:
             # a second ring on the same file would interleave segments at the same
@@ -1281,9 +1321,7 @@ def create(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ShmflushError(f"{path} is in use by another shmflush ring") from None
-        address, next_seq = find_append_point(fd)
-        if os.fstat(fd).st_size > address:
-            os.ftruncate(fd, address)  # cut a torn or zero tail; it holds no valid segment
+        address, next_seq = _append_point(fd, path)
         mm = L.create_segment(name, geometry.total_size, mode, exist_ok=False)
         view = memoryview(mm)
         try:
@@ -1325,6 +1363,87 @@ def create(
     return ring
 
 
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular(mode: int, path: str) -> None:
+    """Raise :class:`ForeignFileError` unless *mode* (from stat(2)) is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+    raise ForeignFileError(
+        path, f"not a regular file ({kind}); shmflush appends only to regular files"
+    )
+
+
+def _check_syncable(fd: int, path: str) -> None:
+    """Refuse a regular file that cannot be made durable (``/proc``, ``/sys``).
+
+    Such files pass every other check (``/proc/version`` is a regular, empty
+    file), but fdatasync(2) fails on them with EINVAL and the flusher could never
+    finish a batch.  One fdatasync of a file that has nothing to write is cheap.
+    """
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno != _errno.EINVAL:
+            raise
+        raise ForeignFileError(
+            path,
+            f"its file system cannot make it durable (fdatasync(2): [Errno {exc.errno}] "
+            f"{exc.strerror}); pick a path on a disk-backed file system, not under /proc "
+            "or /sys",
+        ) from exc
+
+
+def _append_point(fd: int, path: str) -> tuple[int, int]:
+    """Where the new ring appends to the locked file *fd*: ``(address, next_seq)``.
+
+    Cuts what follows the last valid segment (a torn or zero tail), and raises
+    :class:`ForeignFileError`, touching nothing, for a file that is not ours.
+    """
+    address, next_seq = find_append_point(fd)
+    size = os.fstat(fd).st_size
+    if not address and size and not _holds_nothing_or_a_torn_start(fd, size):
+        # Not empty, yet no valid segment: somebody else's file (a log, a
+        # database) given by mistake.  Truncating it would destroy it.
+        raise ForeignFileError(
+            path,
+            f"not a shmflush file: no valid segment in {size} bytes; move it away "
+            "or pick another path",
+        )
+    if size > address:
+        os.ftruncate(fd, address)  # the tail holds no valid segment
+    return address, next_seq
+
+
+def _holds_nothing_or_a_torn_start(fd: int, size: int) -> bool:
+    """For a file with no valid segment: may create() truncate it and start over?
+
+    Yes if every byte is zero (a preallocated tail, nothing written), or if a
+    segment header that checks out sits at offset 0: a shmflush file whose first
+    segment was torn by a crash.  Anything else is not ours.
+    """
+    head = _format.parse_segment_header(os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0), 0)
+    if not isinstance(head, str):
+        return True
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+        if not chunk:
+            return True  # shrank while we looked: what is gone held nothing
+        if chunk.count(0) != len(chunk):
+            return False
+        offset += len(chunk)
+    return True
+
+
 def _remove_dead_ring(name: str, wait: float = 10.0) -> None:
     """Unlink ring *name* if its owner is dead (for ``exist_ok=True``).
 
@@ -1337,13 +1456,22 @@ def _remove_dead_ring(name: str, wait: float = 10.0) -> None:
         L.unlink_segment(name)  # missing, half-made or corrupt: nothing to keep
         return
     try:
-        if _proc.is_alive(core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START)):
-            raise RingExistsError(name)
+        owner = core.header(L.H_OWNER_PID)
+        if _proc.is_alive(owner, core.header(L.H_OWNER_START)):
+            raise RingExistsError(
+                name,
+                f"its owner (pid {owner}) is alive; exist_ok=True only replaces rings "
+                "whose owner died",
+            )
         flusher = core.header(L.H_FLUSHER_PID), core.header(L.H_FLUSHER_START)
         deadline = time.monotonic() + wait
         while _proc.is_alive(*flusher):
             if time.monotonic() > deadline:
-                raise RingExistsError(name)
+                raise RingExistsError(
+                    name,
+                    f"its owner (pid {owner}) died, but its flusher (pid {flusher[0]}) "
+                    f"is still draining it after {wait:g} s; try again once it exits",
+                )
             time.sleep(0.01)
     finally:
         core.unmap()

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             owner = _proc.is_alive(core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START))
             flusher = core.flusher_alive()
             path = L.read_path(core.view).decode(errors="replace")
+            ring_id = core.header(L.H_RING_ID)
         finally:
             core.unmap()
         if owner or flusher:
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             outcome = _drain(name, args.timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             outcome = f"drain failed ({exc})"
-        found = L.unlink_segment(name)
+        # The drain may take a while: by now the name may belong to a new ring.
+        found = L.unlink_segment_if_same(name, ring_id)
         removed += 1
         print(f"{name}: {outcome}; {'removed' if found else 'already removed'}")
     print(f"{removed} ring(s) removed")

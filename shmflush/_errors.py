@@ -57,22 +57,49 @@ class RingNotFoundError(ShmflushError, FileNotFoundError):
 
 
 class RingExistsError(ShmflushError, FileExistsError):
-    """A ring of that name already exists (pass ``exist_ok=True`` to replace it)."""
+    """A ring of that name already exists.
 
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            _errno.EEXIST,
-            f"a shmflush ring named {name!r} already exists; pass exist_ok=True to replace it",
-            name,
+    Without a *reason* the message suggests ``exist_ok=True``; ``create`` passes
+    a reason when that would not help (the owner is alive), and the message then
+    says why the ring was kept: "a shmflush ring named 'x' exists and <reason>".
+    """
+
+    def __init__(self, name: str, reason: str | None = None) -> None:
+        self.reason = reason
+        message = (
+            f"a shmflush ring named {name!r} already exists; pass exist_ok=True to replace it"
+            if reason is None
+            else f"a shmflush ring named {name!r} exists and {reason}"
         )
+        super().__init__(_errno.EEXIST, message, name)
 
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return type(self), (str(self.filename),)
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        return type(self), (str(self.filename), self.reason)
 
 
 class CorruptRingError(ShmflushError):
     """A shared-memory segment is not a valid shmflush ring (wrong magic,
     unknown version, or a field out of range)."""
+
+
+class ForeignFileError(ShmflushError):
+    """:func:`shmflush.create` refuses a path that is not a shmflush file.
+
+    Raised for a path that is not a regular file (a directory, a device, a FIFO),
+    for a file on a file system that cannot make it durable (``/proc``, where
+    fdatasync(2) fails), and for a non-empty file that holds no valid shmflush
+    segment (somebody else's log or database, given by mistake: appending would
+    mean truncating it).  The file is left exactly as it was.  ``path`` names
+    the file and ``reason`` says why it was refused.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.reason)
 
 
 class CorruptFileError(ShmflushError):

@@ -47,14 +47,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import posix_ipc
-
 from . import _faults, _format, _proc
 from . import _layout as L
 from ._atomic import compare_exchange as _cas
 from ._errors import ShmflushError
 from ._recovery import Recovery
-from ._ring import Ring, attach_ring
+from ._ring import Ring, acquire, attach_ring
 
 _READY = L.SEALED | L.CLOSED
 # Threads writing fills at once (see Flusher.write_all).
@@ -472,8 +470,7 @@ class Flusher:
         next_owner_check = 0.0
         closing_since = 0.0
         while True:
-            with contextlib.suppress(posix_ipc.BusyError):
-                sem.acquire(wait)
+            acquire(sem, wait)
             now = time.monotonic()
             ring.set_header(L.H_HEARTBEAT_NS, time.monotonic_ns())
             if now >= next_owner_check:
@@ -481,7 +478,7 @@ class Flusher:
                 if not _proc.is_alive(*owner) and not ring.status() & L.STATUS_CLOSING:
                     # The owner died without close(): drain what is committed, then
                     # stop, and tell writers why instead of letting them hang.
-                    ring.set_status(L.STATUS_CLOSING | L.STATUS_BROKEN)
+                    ring.set_status(L.STATUS_CLOSING | L.STATUS_BROKEN | L.STATUS_OWNER_DEAD)
             closing = bool(ring.status() & L.STATUS_CLOSING)
             self.seal_due(now, closing)
             incomplete = self.take_ready()
@@ -538,19 +535,6 @@ def _wait_for_leases(ring: Ring, timeout: float) -> None:
         if not live:
             return
         time.sleep(0.05)
-
-
-def _unlink_if_same(name: str, ring_id: int) -> None:
-    try:
-        current = attach_ring(name)
-    except ShmflushError:
-        return
-    try:
-        same = current.header(L.H_RING_ID) == ring_id
-    finally:
-        current.unmap()
-    if same:
-        L.unlink_segment(name)
 
 
 class _Gaps:
@@ -726,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             # then unlink, but only if the name still means *this* ring:
             # create(exist_ok=True) may have replaced it.
             _wait_for_leases(ring, 10.0)
-            _unlink_if_same(args.name, ring.header(L.H_RING_ID))
+            L.unlink_segment_if_same(args.name, ring.header(L.H_RING_ID))
         return status
     finally:
         if fd is not None:

@@ -44,6 +44,15 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
     LEASES_END                   8 * (max_writers + 1) * buffers   commit counters (below)
     DATA (4096-aligned)          buffer_size * buffers   the buffers
 
+Status word (header offset 192), bits set with an atomic OR and never cleared::
+
+    0  CLOSING       the owner is closing: no new fills; drain and stop
+    1  BROKEN        the ring takes no more records (an error the flusher cannot
+                     get past, with its errno at 200, or OWNER_DEAD)
+    2  FLUSHER_DONE  the flusher drained everything and exited
+    3  OWNER_DEAD    the owner died without close(); set by the flusher together
+                     with CLOSING and BROKEN, so writers can be told why
+
 Every lane and descriptor owns a 64-byte cache line, so writers on different lanes
 never contend on one line, and the flusher's scans do not disturb the state words
 more than it must.
@@ -176,6 +185,7 @@ MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
 STATUS_CLOSING: Final = 1 << 0  # the owner is closing: no new fills, drain and stop
 STATUS_BROKEN: Final = 1 << 1  # the flusher hit an error it cannot get past
 STATUS_FLUSHER_DONE: Final = 1 << 2  # the flusher drained everything and exited
+STATUS_OWNER_DEAD: Final = 1 << 3  # the owner died without close() (with CLOSING|BROKEN)
 
 # H_ERROR_KIND values.
 ERROR_IO: Final = 0
@@ -553,6 +563,33 @@ def open_segment(name: str) -> tuple[mmap.mmap, Geometry]:
         raise
     view.release()
     return mm, geometry
+
+
+def unlink_segment_if_same(name: str, ring_id: int) -> bool:
+    """Unlink ring *name*, as :func:`unlink_segment`, only while that name still
+    refers to the ring whose ``H_RING_ID`` is *ring_id*; True if it did.
+
+    Whoever removes a ring late (its owner's close, a flusher after its owner
+    died) must not remove a newer ring of the same name: the old one may have
+    been unlinked behind its back (``python -m shmflush cleanup``, by hand, or
+    ``create(exist_ok=True)``) and the name created again.  The caller passes the
+    id it reads from its own mapping, so a ring whose header was scribbled on
+    still matches itself.  If the name holds no segment, nothing is unlinked:
+    semaphores left under it may already belong to a ring being created.  The
+    check and the unlink are two steps; a ring created by somebody else between
+    them is not protected, which needs a removal and a creation in that window.
+    """
+    try:
+        shm = posix_ipc.SharedMemory(shm_name(name))
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return False
+    try:
+        current = os.pread(shm.fd, 8, H_RING_ID)
+    finally:
+        shm.close_fd()
+    if len(current) != 8 or int.from_bytes(current, "little") != ring_id:
+        return False
+    return unlink_segment(name)
 
 
 def unlink_segment(name: str) -> bool:

@@ -59,11 +59,11 @@ Sealed buffers may accumulate anything there: opening resets the offset.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as _errno
 import mmap
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +87,62 @@ _cas = _atomic.compare_exchange
 MOVED: Final = 0  # the lane now names another fill (we or somebody else moved it)
 NOT_DONE: Final = 1  # the lane's fill is still open or being closed
 NO_SPACE: Final = 2  # no idle buffer: wait for the flusher
+
+
+# Signals held back while the main thread waits on a semaphore (see acquire):
+# all but the unblockable ones and the faults a thread raises on itself.
+_HELD_SIGNALS: Final = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+}
+# The longest the main thread waits with them held: how late a handler may run.
+_SIGNAL_SLICE: Final = 0.1
+
+
+def acquire(sem: posix_ipc.Semaphore, timeout: float) -> bool:
+    """Take *sem*, waiting at most *timeout* seconds (sem_timedwait(3)); returns
+    False if the time ran out.  Every semaphore wait in the package uses this.
+
+    A signal neither ends the wait nor loses its handler's exception, as with
+    Python's own blocking calls (PEP 475).  posix_ipc alone does neither: on
+    EINTR it runs the handlers itself and raises SignalError in place of any
+    exception they raise except KeyboardInterrupt (a SIGTERM handler's
+    SystemExit would be lost).  So the main thread, the only one where handlers
+    run, waits in slices of at most 0.1 s with signals blocked
+    (pthread_sigmask(3)); unblocking between slices runs the pending handlers
+    as Python code, so a handler that returns lets the wait go on and one that
+    raises stops it with its own exception.  (If the slice took the semaphore
+    just before, that post is spent: a waiter re-checks within a slice anyway.)
+    Another thread can still get EINTR when the kernel picks it to take a
+    signal; its handler runs later in the main thread, and the wait goes on.
+    """
+    deadline = time.monotonic() + timeout
+    main = threading.current_thread() is threading.main_thread()
+    while True:
+        try:
+            if main:
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+                try:
+                    sem.acquire(min(timeout, _SIGNAL_SLICE))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            else:
+                sem.acquire(timeout)
+        except posix_ipc.BusyError:
+            pass
+        except posix_ipc.SignalError:
+            pass  # EINTR in a thread that does not run handlers: wait on
+        else:
+            return True
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return False
 
 
 def _base_address(mm: mmap.mmap) -> int:
@@ -241,6 +297,12 @@ class Ring:
                 f"below {self.header(L.H_ERROR_WRITTEN)} bytes already written"
             )
         errno = self.header(L.H_ERROR_ERRNO)
+        if not errno and self.status() & L.STATUS_OWNER_DEAD:
+            path = L.read_path(self.view).decode(errors="replace")
+            return (
+                f"its owner (pid {self.header(L.H_OWNER_PID)}) died without close(); "
+                f"committed records are drained to {path}"
+            )
         if not errno:
             return "the flusher stopped"
         buffer = self.header(L.H_ERROR_BUFFER)
@@ -253,7 +315,7 @@ class Ring:
             return RingBrokenError(f"{reason}; the ring takes no more records")
         errno = self.header(L.H_ERROR_ERRNO)
         if not errno:
-            return RingBrokenError(reason)
+            return RingBrokenError(f"{reason}, the ring takes no more")
         err = RingBrokenError(
             f"{reason}; records still in shared memory are kept and retried, but the "
             "ring takes no more",
@@ -637,8 +699,7 @@ class Ring:
             timeout = 0.1
             if deadline is not None:
                 timeout = max(0.0, min(timeout, deadline - time.monotonic()))
-            with contextlib.suppress(posix_ipc.BusyError):
-                sem.acquire(timeout)
+            acquire(sem, timeout)
         finally:
             self.header_add(L.H_WAITERS, -1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import pickle
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import posix_ipc
 import pytest
 
 import shmflush
+from shmflush import _layout as L
 
 SHM_DIR = "/dev/shm"
 # How long a flusher may take to exit, or a time-based seal to reach the file.
@@ -157,6 +160,39 @@ def test_append_rejects_a_non_contiguous_buffer_with_value_error(
             ring.append(make())
         ring.append(b"after")
     assert _read_all(path)[0] == [b"before", b"after"]
+
+
+_OBJECT_ARRAYS: list[Callable[[], Any]] = [
+    lambda: np.array([object(), object()]),
+    lambda: np.zeros(3, dtype=[("Oxygen", "f8"), ("label", "O")]),
+]
+
+
+@pytest.mark.parametrize("make", _OBJECT_ARRAYS, ids=["dtype-object", "structured-object-field"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ring, array: ring.append(array),
+        lambda ring, array: ring.append_many([b"fine", array]),
+        lambda ring, array: ring.append_array(array),
+    ],
+    ids=["append", "append_many", "append_array"],
+)
+def test_append_refuses_an_object_array_instead_of_writing_its_pointers(
+    ring_name: str,
+    tmp_path: Path,
+    make: Callable[[], Any],
+    call: Callable[[shmflush.Ring, Any], object],
+) -> None:
+    path = tmp_path / "log"
+    with _create(ring_name, path) as ring:
+        ring.append(b"before")
+        array = make()
+        with pytest.raises(TypeError, match="must not hold Python objects"):
+            call(ring, array)
+        # A field name with an O in it is not an object field.
+        ring.append(np.array([(1.5,)], dtype=[("Oxygen", "f8")]))
+    assert _read_all(path)[0] == [b"before", np.float64(1.5).tobytes()]
 
 
 def test_a_record_of_max_record_bytes_fits_and_one_more_byte_does_not(
@@ -602,6 +638,20 @@ def test_create_with_the_name_of_a_live_ring_raises_ring_exists(
     assert _read_all(path)[0] == [b"kept", b"via attach", b"still open"]
 
 
+def test_exist_ok_with_a_live_owner_does_not_tell_the_user_to_pass_exist_ok(
+    ring_name: str, tmp_path: Path
+) -> None:
+    with _create(ring_name, tmp_path / "log") as ring:
+        with pytest.raises(shmflush.RingExistsError) as info:
+            _create(ring_name, tmp_path / "other", exist_ok=True)
+        assert info.value.strerror == (
+            f"a shmflush ring named {ring_name!r} exists and its owner (pid {os.getpid()}) "
+            "is alive; exist_ok=True only replaces rings whose owner died"
+        )
+        ring.append(b"still the owner")
+    assert _read_all(tmp_path / "log")[0] == [b"still the owner"]
+
+
 def test_two_rings_cannot_append_to_the_same_file(ring_name: str, tmp_path: Path) -> None:
     path = tmp_path / "log"
     with _create(ring_name, path) as ring:
@@ -611,6 +661,35 @@ def test_two_rings_cannot_append_to_the_same_file(ring_name: str, tmp_path: Path
         assert _shm_entries_for(ring_name + "-b") == []
         ring.append(b"first ring again")
     assert _read_all(path)[0] == [b"first ring", b"first ring again"]
+
+
+@pytest.mark.parametrize("removal", ["segment and semaphores", "segment only"])
+def test_owner_close_does_not_unlink_a_new_ring_that_took_its_name(
+    ring_name: str, tmp_path: Path, removal: str
+) -> None:
+    first = _create(ring_name, tmp_path / "first")
+    try:
+        first.append(b"first ring")
+        # Removed behind the owner's back (cleanup-like, or by hand), then the
+        # name is created again for another file.
+        if removal == "segment only":
+            posix_ipc.unlink_shared_memory(L.shm_name(ring_name))
+        else:
+            L.unlink_segment(ring_name)
+        second = _create(ring_name, tmp_path / "second")
+    finally:
+        first.close()
+    try:
+        assert _shm_entries_for(ring_name)  # the new ring is still there
+        second.append(b"second ring")
+        attached = shmflush.attach(ring_name)
+        attached.append(b"second ring, attached")
+        attached.close()
+    finally:
+        second.close()
+    assert _read_all(tmp_path / "first")[0] == [b"first ring"]
+    assert _read_all(tmp_path / "second")[0] == [b"second ring", b"second ring, attached"]
+    assert _shm_entries_for(ring_name) == []
 
 
 # -- appending to an existing file ----------------------------------------------------
@@ -658,6 +737,113 @@ def test_a_torn_tail_is_cut_off_before_appending(ring_name: str, tmp_path: Path)
     records, reader = _read_all(path)
     assert records == expected
     assert reader.damaged == []
+
+
+def _fingerprint(path: Path) -> tuple[int, str]:
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"".join(b"2024-05-01 12:00:%02d INFO job %d done\n" % (i % 60, i) for i in range(400)),
+        random.Random(5).randbytes(10_000),
+    ],
+    ids=["text log", "random bytes"],
+)
+def test_create_refuses_a_file_that_is_not_ours_and_leaves_it_byte_for_byte(
+    ring_name: str, tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "app.log"
+    path.write_bytes(content)
+    before = _fingerprint(path)
+    with pytest.raises(shmflush.ForeignFileError) as info:
+        _create(ring_name, path)
+    assert str(info.value) == (
+        f"{path}: not a shmflush file: no valid segment in {len(content)} bytes; move it "
+        "away or pick another path"
+    )
+    assert info.value.path == str(path)
+    assert _fingerprint(path) == before
+    assert _shm_entries_for(ring_name) == []  # no segment, semaphores or flusher left
+
+
+def test_create_reuses_a_file_of_only_zero_bytes(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(bytes(3 * 4096 + 5))
+    with _create(ring_name, path) as ring:
+        ring.append(b"over the zeros")
+    records, reader = _read_all(path)
+    assert records == [b"over the zeros"]
+    assert reader.damaged == []
+
+
+def test_create_starts_over_on_a_shmflush_file_whose_only_segment_is_torn(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    with _create(ring_name, path) as ring:
+        ring.append(b"torn by the crash")
+    # Damage the payload, not the header: what a crash in the middle of the
+    # first write leaves (the header block made it to disk, the rest did not).
+    with open(path, "r+b") as f:
+        f.seek(64 + 8)  # the first record's payload, after the segment and record headers
+        f.write(b"\xff" * 8)
+    with pytest.raises(shmflush.CorruptFileError):
+        _read_all(path)
+    with _create(ring_name + "-2", path) as ring:
+        ring.append(b"after the crash")
+    records, reader = _read_all(path)
+    assert records == [b"after the crash"]
+    assert reader.damaged == []
+
+
+def _special_path(kind: str, tmp_path: Path) -> Path:
+    if kind == "directory":
+        (tmp_path / "dir").mkdir()
+        return tmp_path / "dir"
+    if kind == "FIFO":
+        os.mkfifo(tmp_path / "fifo")
+        return tmp_path / "fifo"
+    return Path(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("/dev/null", "not a regular file (a character device)"),
+        ("directory", "not a regular file (a directory)"),
+        ("FIFO", "not a regular file (a FIFO)"),
+        ("/proc/version", "its file system cannot make it durable"),
+    ],
+)
+def test_create_refuses_a_path_that_is_not_a_regular_file_fast_leaving_nothing_behind(
+    ring_name: str, tmp_path: Path, kind: str, reason: str
+) -> None:
+    path = _special_path(kind, tmp_path)
+    before = os.stat(path)
+    # Only root may open /proc/version for writing; anyone else is refused by open(2).
+    expected: type[Exception] = (
+        PermissionError
+        if kind == "/proc/version" and os.geteuid() != 0
+        else shmflush.ForeignFileError
+    )
+    started = time.monotonic()
+    with pytest.raises(expected) as info:
+        _create(ring_name, path)
+    # It used to be accepted, and close() hung for a minute on a flusher that
+    # could not fdatasync; a FIFO must not block the open either.
+    assert time.monotonic() - started < 5.0
+    if expected is shmflush.ForeignFileError:
+        assert str(info.value).startswith(f"{path}: {reason}")
+    after = os.stat(path)
+    assert (after.st_mode, after.st_ino, after.st_size) == (
+        before.st_mode,
+        before.st_ino,
+        before.st_size,
+    )
+    assert _shm_entries_for(ring_name) == []  # no segment, semaphores or flusher left
 
 
 # -- a dead owner -----------------------------------------------------------------------

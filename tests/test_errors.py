@@ -15,7 +15,9 @@ import shmflush
     [
         shmflush.RingNotFoundError("jobs"),
         shmflush.RingExistsError("jobs"),
+        shmflush.RingExistsError("jobs", "its owner (pid 7) is alive"),
         shmflush.CorruptFileError("/x.log", 4096, "bad magic"),
+        shmflush.ForeignFileError("/x.log", "not a shmflush file"),
         shmflush.RingBrokenError("disk full", errno.ENOSPC),
         shmflush.RingClosedError("closed"),
         shmflush.RingTimeoutError("late"),
@@ -43,3 +45,18 @@ def test_not_found_names_the_ring() -> None:
     error = shmflush.RingNotFoundError("jobs")
     assert "'jobs'" in str(error)
     assert error.errno == errno.ENOENT
+
+
+def test_exists_error_suggests_exist_ok_only_when_no_reason_says_otherwise() -> None:
+    plain = shmflush.RingExistsError("jobs")
+    assert str(plain) == (
+        "[Errno 17] a shmflush ring named 'jobs' already exists; pass exist_ok=True to "
+        "replace it: 'jobs'"
+    )
+    assert plain.reason is None
+    why = "its owner (pid 7) is alive; exist_ok=True only replaces rings whose owner died"
+    alive = shmflush.RingExistsError("jobs", why)
+    assert str(alive) == f"[Errno 17] a shmflush ring named 'jobs' exists and {why}: 'jobs'"
+    assert alive.reason == why
+    assert alive.filename == "jobs"
+    assert alive.errno == errno.EEXIST

@@ -14,6 +14,7 @@ PUBLIC = {
     "CorruptRingError",
     "Damage",
     "DirectIOWarning",
+    "ForeignFileError",
     "Reader",
     "RecordTooLargeError",
     "Ring",
@@ -33,6 +34,7 @@ PUBLIC = {
 ERRORS = {
     "CorruptFileError",
     "CorruptRingError",
+    "ForeignFileError",
     "RecordTooLargeError",
     "RingBrokenError",
     "RingClosedError",

@@ -84,6 +84,30 @@ def test_owner_death_drains_committed_records_and_removes_the_ring(
     assert b"from an attached writer" in records
 
 
+def test_writers_are_told_the_owner_died_not_that_the_flusher_stopped(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "orphan.log"
+    owner, flusher = _start_owner(ring_name, path, 10)
+    writer = shmflush.attach(ring_name)
+    try:
+        writer.append(b"before the owner died")
+        owner.kill()
+        owner.wait(10)
+        with pytest.raises(shmflush.RingBrokenError) as info:
+            _append_until_refused(writer)
+    finally:
+        writer.close()
+        _reap(owner)
+    _wait_gone(flusher)
+    assert str(info.value) == (
+        f"ring {ring_name!r}: its owner (pid {owner.pid}) died without close(); committed "
+        f"records are drained to {path}, the ring takes no more"
+    )
+    assert info.value.errno == 0
+    assert b"before the owner died" in list(shmflush.read(path))
+
+
 def test_cleanup_drains_and_removes_a_ring_whose_owner_and_flusher_died(
     ring_name: str, tmp_path: Path
 ) -> None:

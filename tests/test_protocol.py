@@ -8,10 +8,15 @@ notes (section 3).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bare import Bare, dead_claim, dead_pid, make_bare
@@ -361,3 +366,111 @@ def test_recovery_never_abandons_a_record_between_two_dead_claims(bare: Bare) ->
     reader = shmflush.read(bare.path)
     assert list(reader) == [b"head", b"L" * 24, b"B" * 24, b"tail"]
     assert reader.abandoned == 2
+
+
+def _fill_every_buffer(bare: Bare) -> None:
+    """Append until no buffer is free (nothing flushes a bare ring by itself)."""
+    for _ in range(100):
+        try:
+            bare.ring.append(b"f" * 3000, timeout=0)
+        except shmflush.RingTimeoutError:
+            return
+    raise AssertionError("100 records of 3000 bytes never filled 4 buffers of 8 KiB")
+
+
+@contextlib.contextmanager
+def _sigusr1_every_100_ms(handler: Callable[[int, Any], None], target: int) -> Iterator[None]:
+    """Install *handler* for SIGUSR1 and send SIGUSR1 to thread *target* every 0.1 s.
+
+    pthread_kill, not kill(getpid()): a signal sent to the process may be taken
+    by any thread that does not block it, and then the waiting thread may
+    never see one.
+    """
+    old = signal.signal(signal.SIGUSR1, handler)
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.wait(0.1):
+            signal.pthread_kill(target, signal.SIGUSR1)
+
+    sender = threading.Thread(target=send, name="sigusr1-sender")
+    sender.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sender.join(5)
+        signal.signal(signal.SIGUSR1, old)
+
+
+def _main_thread() -> int:
+    main = threading.main_thread().ident
+    assert main is not None
+    assert threading.get_ident() == main  # Python runs signal handlers only there
+    return main
+
+
+def test_a_harmless_signal_does_not_break_an_append_waiting_for_space(bare: Bare) -> None:
+    # posix_ipc raises SignalError when a signal interrupts sem_timedwait; the
+    # wait must go on (PEP 475), until the append's own timeout.
+    _fill_every_buffer(bare)
+    handled: list[int] = []
+    with (
+        _sigusr1_every_100_ms(lambda signum, frame: handled.append(signum), _main_thread()),
+        pytest.raises(shmflush.RingTimeoutError),
+    ):
+        bare.ring.append(b"waits", timeout=2)
+    assert len(handled) >= 3  # the handler ran during the wait, several times
+    assert bare.core.header(L.H_WAITERS) == 0
+
+
+class _HandlerError(Exception):
+    pass
+
+
+def test_a_signal_handler_that_raises_stops_an_append_waiting_for_space(bare: Bare) -> None:
+    # posix_ipc itself would replace the handler's exception with SignalError.
+    _fill_every_buffer(bare)
+    raised: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # Once only: a later signal must not raise again while the test cleans up.
+        if not raised:
+            raised.append(signum)
+            raise _HandlerError
+
+    started = time.monotonic()
+    with _sigusr1_every_100_ms(interrupt, _main_thread()), pytest.raises(_HandlerError):
+        bare.ring.append(b"waits", timeout=30)
+    assert time.monotonic() - started < 20  # stopped by the handler, not the timeout
+
+
+def test_a_signal_taken_by_a_waiting_writer_thread_does_not_break_its_append(
+    bare: Bare,
+) -> None:
+    # The kernel may give a process's signal to any thread; there sem_timedwait
+    # fails with EINTR although that thread runs no handler.
+    _fill_every_buffer(bare)
+    outcome: list[BaseException | None] = []
+    started = threading.Event()
+
+    def writer() -> None:
+        started.set()
+        try:
+            bare.ring.append(b"waits", timeout=2)
+        except BaseException as exc:  # the test looks at what it was
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=writer, name="waiting-writer")
+    handled: list[int] = []
+    thread.start()
+    assert started.wait(10)
+    assert thread.ident is not None
+    with _sigusr1_every_100_ms(lambda signum, frame: handled.append(signum), thread.ident):
+        thread.join(20)
+    assert not thread.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], shmflush.RingTimeoutError), outcome
+    assert handled  # the signals did arrive, and their handler ran in the main thread
