@@ -17,12 +17,19 @@ higher sequence number is *out of order*; a record whose bytes are not what its
 writer wrote is *corrupt*.  A record that is in the file but was never
 acknowledged (the writer died while appending it) is allowed.  The one-line
 verdict goes to stdout; progress and diagnostics go to stderr.
+
+The ring's geometry is picked per run, mostly the ``create()`` defaults (what
+users run), sometimes small or large buffers; record sizes run from 0 bytes to
+a good part of a buffer.  Records shorter than the 12-byte (writer id, seq)
+header cannot say whose they are: they are checked for content, and counted
+(see :func:`is_tiny`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import random
 import shutil
@@ -40,20 +47,96 @@ import shmflush
 
 from . import _format, _proc
 from . import _layout as L
+from ._api import _default_lanes
 from ._ring import Ring, attach_ring
 
-# Every record starts with (writer id, sequence number); the same 12 bytes are
-# what a writer sends through the pipe to acknowledge its appends.
-HEADER = struct.Struct("<IQ")
+# -- the records -------------------------------------------------------------------
 
-# Filler sizes run from 0 to this; most are small, so a 16 KiB buffer holds many
-# records and rotations happen often.
-MAX_FILLER = 2048
+# Every record of 12 bytes or more starts with (writer id, sequence number); the
+# same 12 bytes are what a writer sends through the pipe to acknowledge its appends.
+HEADER = struct.Struct("<IQ")
+# Record *seq* of a writer is tiny (0 to 11 bytes, no room for the header) when
+# seq % TINY_EVERY is that writer's phase (1 to TINY_EVERY - 1: seq 0 never is).
+TINY_EVERY = 8
+_TINY = b"tiny-record"  # a tiny record of n bytes is _TINY[:n]
+assert len(_TINY) == HEADER.size - 1
+# The largest record, when the buffer allows (see large_limit).
+MAX_LARGE = 64 << 10
 # The filler of a record is a window into this fixed pseudo-random pattern whose
 # start depends on (writer id, seq), so a record's bytes pasted elsewhere, or
 # shifted, do not match.
 _SPAN = 4093  # prime: neighbouring records start far apart
-_PATTERN = random.Random(0x50A4).randbytes(_SPAN + MAX_FILLER)
+_PATTERN = random.Random(0x50A4).randbytes(_SPAN + MAX_LARGE)
+
+
+def large_limit(buffer_size: int) -> int:
+    """The largest record the soak appends to a ring of *buffer_size*: 64 KiB, or
+    half of what a buffer can hold if that is less."""
+    capacity = buffer_size - _format.SEGMENT_HEADER_SIZE - _format.RECORD_HEADER_SIZE
+    return max(HEADER.size, min(MAX_LARGE, capacity // 2))
+
+
+def _mix(writer_id: int, seq: int) -> int:
+    h = ((writer_id * 0x9E3779B1) ^ (seq * 0x85EBCA77)) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def _tiny_phase(writer_id: int) -> int:
+    return TINY_EVERY - 1 - writer_id % (TINY_EVERY - 1)
+
+
+def is_tiny(writer_id: int, seq: int) -> bool:
+    """Whether record *seq* of *writer_id* is shorter than the header.
+
+    Such a record is ``_TINY[:n]``: the checker can tell it is intact, but not
+    whose it is, so tiny records are checked in aggregate (as many in the file as
+    were acknowledged, at least), not one by one.
+    """
+    return seq % TINY_EVERY == _tiny_phase(writer_id)
+
+
+def tiny_count(writer_id: int, lo: int, hi: int) -> int:
+    """How many of the sequence numbers ``lo <= seq < hi`` of *writer_id* are tiny."""
+    phase = _tiny_phase(writer_id)
+
+    def below(x: int) -> int:  # tiny seqs in [0, x)
+        return (x - phase + TINY_EVERY - 1) // TINY_EVERY if x > phase else 0
+
+    return below(hi) - below(lo) if hi > lo else 0
+
+
+def record_length(writer_id: int, seq: int, large: int = MAX_LARGE) -> int:
+    """The length of record *seq* of *writer_id*: 0 to 11 bytes if it is tiny, else
+    the 12-byte header plus a filler of 0 bytes (often), a few bytes (mostly), up
+    to a few KiB (now and then) or up to *large* in all (one in a hundred)."""
+    h = _mix(writer_id, seq)
+    r = h >> 8
+    if is_tiny(writer_id, seq):
+        return 0 if h % 3 == 0 else 1 + r % (HEADER.size - 1)
+    bucket = h % 100
+    if bucket < 20:
+        filler = 0
+    elif bucket < 65:
+        filler = 1 + r % 63
+    elif bucket < 90:
+        filler = 64 + r % 960
+    elif bucket < 99:
+        filler = 1024 + r % 3072
+    else:
+        filler = r % (large - HEADER.size + 1)
+    return HEADER.size + min(filler, large - HEADER.size)
+
+
+def expected_record(writer_id: int, seq: int, large: int = MAX_LARGE) -> bytes:
+    """Record *seq* of writer *writer_id*, exactly as the writer appends it."""
+    n = record_length(writer_id, seq, large)
+    if n < HEADER.size:
+        return _TINY[:n]
+    start = (writer_id * 131 + seq * 61) % _SPAN
+    return HEADER.pack(writer_id, seq) + _PATTERN[start : start + n - HEADER.size]
+
 
 _STOP_FILE = "stop"
 _LOG_FILE = "soak.log"
@@ -86,37 +169,18 @@ _WRITER_CODE = (
 )
 
 
-def filler_size(writer_id: int, seq: int) -> int:
-    """The filler length of record *seq* of writer *writer_id* (0 to MAX_FILLER)."""
-    h = ((writer_id * 0x9E3779B1) ^ (seq * 0x85EBCA77)) & 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h ^= h >> 15
-    bucket = h % 20
-    if bucket < 14:
-        return (h >> 8) % 160
-    if bucket < 19:
-        return (h >> 8) % 1000
-    return (h >> 8) % (MAX_FILLER + 1)
-
-
-def expected_record(writer_id: int, seq: int) -> bytes:
-    """Record *seq* of writer *writer_id*, exactly as the writer appends it."""
-    start = (writer_id * 131 + seq * 61) % _SPAN
-    return HEADER.pack(writer_id, seq) + _PATTERN[start : start + filler_size(writer_id, seq)]
-
-
 # -- the writer process ------------------------------------------------------------
 
 
 def writer_main(argv: Sequence[str]) -> int:
-    """Body of one writer process: ``NAME WRITER_ID ACK_FD STOP_FILE SEED BATCHES``.
+    """Body of one writer process: ``NAME WRITER_ID ACK_FD STOP_FILE SEED BATCHES LARGE``.
 
     Appends records 0, 1, 2, ... of its writer id until the stop file appears (or
     its parent goes away), acknowledging each returned append or batch on ACK_FD.
     Any error propagates: the process exits non-zero, and the soak counts it.
     """
-    name, writer_id_text, fd_text, stop, seed_text, batches_text = argv
+    name, writer_id_text, fd_text, stop, seed_text, batches_text, large_text = argv
+    large = int(large_text)
     batch_share = 0.25 if batches_text == "1" else 0.0
     writer_id, fd = int(writer_id_text), int(fd_text)
     parent = os.getppid()
@@ -133,10 +197,10 @@ def writer_main(argv: Sequence[str]) -> int:
             ops += 1
             roll = rng.random()
             if roll < 0.75 - batch_share:
-                ring.append(expected_record(writer_id, seq), timeout=timeout)
+                ring.append(expected_record(writer_id, seq, large), timeout=timeout)
                 seq += 1
             elif roll < 1.0 - batch_share:
-                record = expected_record(writer_id, seq)
+                record = expected_record(writer_id, seq, large)
                 with ring.reserve(len(record), timeout=timeout) as view:
                     # Two stores, like a caller building its record in place.
                     view[: HEADER.size] = record[: HEADER.size]
@@ -145,7 +209,7 @@ def writer_main(argv: Sequence[str]) -> int:
             else:
                 count = rng.randint(2, 8)
                 ring.append_many(
-                    [expected_record(writer_id, s) for s in range(seq, seq + count)],
+                    [expected_record(writer_id, s, large) for s in range(seq, seq + count)],
                     timeout=timeout,
                 )
                 seq += count
@@ -170,6 +234,8 @@ class FileCheck:
     corrupt: int = 0  #: records whose bytes are not what their writer wrote
     unacked_in_file: int = 0  #: records in the file that were never acknowledged
     abandoned: int = 0  #: ABANDONED records the reader skipped
+    tiny: int = 0  #: intact records shorter than the header (counted in in_file)
+    tiny_acked: int = 0  #: tiny records acknowledged
     read_error: str = ""  #: what the strict read raised, if anything
     examples: dict[str, list[str]] = field(default_factory=dict)
     #: writer id -> (first missing seq, missing count) for acknowledged records
@@ -188,15 +254,21 @@ class FileCheck:
 
 
 def check_file(
-    path: str, acked: Mapping[int, int], known: Callable[[int], bool], *, strict: bool = True
+    path: str,
+    acked: Mapping[int, int],
+    known: Callable[[int], bool],
+    *,
+    large: int = MAX_LARGE,
+    strict: bool = True,
 ) -> FileCheck:
     """Read *path* and compare it with the acknowledgements.
 
     *acked* maps a writer id to the highest sequence number acknowledged (writers
     that acknowledged nothing may be absent); *known* tells whether a writer id
-    was ever started.  Memory: per writer, the next expected sequence number and
-    the list of gaps, which is empty unless something went wrong.  With
-    *strict* false, damaged stretches are skipped and listed in ``read_error``.
+    was ever started; *large* is the ``large_limit`` the writers used.  Memory:
+    per writer, the next expected sequence number and the list of gaps, which is
+    empty unless something went wrong.  With *strict* false, damaged stretches
+    are skipped and listed in ``read_error``.
     """
     out = FileCheck()
     following: dict[int, int] = {}  # writer id -> next seq expected
@@ -207,8 +279,11 @@ def check_file(
         for index, payload in enumerate(reader):
             out.in_file += 1
             if len(payload) < HEADER.size:
-                out.corrupt += 1
-                out.note("corrupt", f"record #{index}: {len(payload)} bytes, no header")
+                if payload == _TINY[: len(payload)]:
+                    out.tiny += 1
+                else:
+                    out.corrupt += 1
+                    out.note("corrupt", f"record #{index}: {len(payload)} bytes, not a tiny one")
                 continue
             writer_id, seq = HEADER.unpack_from(payload)
             if not known(writer_id):
@@ -216,12 +291,14 @@ def check_file(
                 out.note("corrupt", f"record #{index}: unknown writer id {writer_id}")
                 continue
             where = f"record #{index} (writer {writer_id} seq {seq})"
-            if payload != expected_record(writer_id, seq):
+            if payload != expected_record(writer_id, seq, large):
                 out.corrupt += 1
                 out.note("corrupt", f"{where}: {len(payload)} bytes, not as written")
+                if is_tiny(writer_id, seq):
+                    continue  # no such record was ever written: it says nothing of order
             expected = following.get(writer_id, 0)
             first_time = True
-            if seq == expected:
+            if seq == expected or (seq == expected + 1 and is_tiny(writer_id, expected)):
                 following[writer_id] = seq + 1
             elif seq > expected:
                 gaps.setdefault(writer_id, []).append([expected, seq])
@@ -246,18 +323,24 @@ def check_file(
             f"[{d.start}, {d.end}) {d.reason}" for d in reader.damaged[:_EXAMPLES]
         )
     for writer_id, top in sorted(acked.items()):
-        missing: list[tuple[int, int]] = []
-        for lo, hi in gaps.get(writer_id, []):
-            if lo <= top:
-                missing.append((lo, min(hi, top + 1) - lo))
+        out.tiny_acked += tiny_count(writer_id, 0, top + 1)
+        unseen = [(lo, min(hi, top + 1)) for lo, hi in gaps.get(writer_id, []) if lo <= top]
         after = following.get(writer_id, 0)
         if after <= top:
-            missing.append((after, top + 1 - after))
+            unseen.append((after, top + 1))
+        missing: list[tuple[int, int]] = []
+        for a, b in unseen:
+            n = b - a - tiny_count(writer_id, a, b)  # tiny ones are counted below
+            if n:
+                missing.append((a + 1 if is_tiny(writer_id, a) else a, n))
         if missing:
             out.lost_by_writer[writer_id] = missing
             out.lost += sum(n for _, n in missing)
             for lo, n in missing:
-                out.note("lost", f"writer {writer_id} seq {lo}..{lo + n - 1} (acked {top})")
+                out.note("lost", f"writer {writer_id}: {n} records from seq {lo} (acked {top})")
+    if out.tiny < out.tiny_acked:
+        out.lost += out.tiny_acked - out.tiny
+        out.note("lost", f"{out.tiny_acked} tiny records acknowledged, {out.tiny} in the file")
     return out
 
 
@@ -274,6 +357,58 @@ def _fill_gap(gaps: list[list[int]], seq: int) -> bool:
 # -- the owner ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """The ring's shape; ``None`` leaves a parameter to ``create()``'s default."""
+
+    buffer_size: int | None = None
+    buffers: int | None = None
+    lanes: int | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.buffer_size is None and self.buffers is None and self.lanes is None
+
+    def resolved(self) -> tuple[int, int, int]:
+        """(buffer_size, buffers, lanes) as ``create()`` will make them."""
+        defaults = inspect.signature(shmflush.create).parameters
+        buffer_size = self.buffer_size or int(defaults["buffer_size"].default)
+        buffers = self.buffers or int(defaults["buffers"].default)
+        return buffer_size, buffers, self.lanes or _default_lanes(buffers)
+
+    def label(self) -> str:
+        """``1M/8/1``: buffer size, buffers, lanes."""
+        buffer_size, buffers, lanes = self.resolved()
+        return f"{_size_label(buffer_size)}/{buffers}/{lanes}"
+
+
+# --geometry random: the create() defaults (what users run) well over half the
+# time, else one of these, from the smallest buffer to four times the default.
+_DEFAULT_WEIGHT = 65
+_GEOMETRIES = (
+    (Geometry(4 << 10, 8, 2), 6),
+    (Geometry(16 << 10, 8, 2), 7),
+    (Geometry(64 << 10, 4, 1), 5),
+    (Geometry(256 << 10, 16, 4), 6),
+    (Geometry(1 << 20, 2, 1), 5),
+    (Geometry(4 << 20, 4, 2), 6),
+)
+
+
+def pick_geometry(seed: int) -> Geometry:
+    """The geometry of a ``--geometry random`` run with *seed*."""
+    choices = [(Geometry(), _DEFAULT_WEIGHT), *_GEOMETRIES]
+    rng = random.Random(f"geometry:{seed}")
+    return rng.choices([g for g, _ in choices], [w for _, w in choices])[0]
+
+
+def _size_label(n: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
 @dataclass
 class _Incarnation:
     """One writer process."""
@@ -286,11 +421,15 @@ class _Incarnation:
 
 
 class _Soak:
-    def __init__(self, args: argparse.Namespace, path: str, stop_path: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, path: str, stop_path: str, geometry: Geometry
+    ) -> None:
         self.args = args
         self.name: str = args.name
         self.path = path
         self.stop_path = stop_path
+        self.geometry = geometry
+        self.large = large_limit(geometry.resolved()[0])
         self.rng = random.Random(args.seed)
         self.ring: shmflush.Ring | None = None
         self.running: list[_Incarnation] = []
@@ -322,21 +461,28 @@ class _Soak:
     # -- set-up and tear-down ------------------------------------------------------
 
     def start(self) -> None:
-        a = self.args
-        self.ring = shmflush.create(
-            self.name,
-            self.path,
-            buffer_size=a.buffer_size,
-            buffers=a.buffers,
-            lanes=a.lanes,
-            flush_interval=0.01,
-            recovery_timeout=0.2,
-        )
+        g = self.geometry
+        if g.is_default:
+            # What users run: nothing about the shape passed at all.
+            self.ring = shmflush.create(
+                self.name, self.path, flush_interval=0.01, recovery_timeout=0.2
+            )
+        else:
+            buffer_size, buffers, _ = g.resolved()
+            self.ring = shmflush.create(
+                self.name,
+                self.path,
+                buffer_size,
+                buffers,
+                lanes=g.lanes,
+                flush_interval=0.01,
+                recovery_timeout=0.2,
+            )
         self.watch = attach_ring(self.name)
         self.ack_read, self.ack_write = os.pipe2(os.O_CLOEXEC)
         self.ack_thread = threading.Thread(target=self._read_acks, name="soak-acks", daemon=True)
         self.ack_thread.start()
-        for _ in range(a.writers):
+        for _ in range(self.args.writers):
             self._spawn()
 
     def _read_acks(self) -> None:
@@ -367,6 +513,7 @@ class _Soak:
                 self.stop_path,
                 str(seed),
                 "1" if self.args.batches else "0",
+                str(self.large),
             ],
             pass_fds=(self.ack_write,),
             stdin=subprocess.DEVNULL,
@@ -784,6 +931,21 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _geometry_spec(text: str) -> str:
+    if text in ("random", "default"):
+        return text
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"not random, default or BUFFER_SIZE/BUFFERS/LANES (like 16K/8/2): {text!r}"
+        )
+    _size(parts[0])
+    for part in parts[1:]:
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(f"not a count: {part!r} in {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/soak.py",
@@ -810,10 +972,21 @@ def _parser() -> argparse.ArgumentParser:
         help="mean seconds between kills (default 0.3)",
     )
     parser.add_argument(
-        "--buffer-size", type=_size, default=16 << 10, help="bytes per buffer (default 16K)"
+        "--geometry",
+        type=_geometry_spec,
+        default="random",
+        help="random (default: create()'s defaults most of the time, else a small or "
+        "large one, picked by the seed), default, or BUFFER_SIZE/BUFFERS/LANES",
     )
-    parser.add_argument("--buffers", type=_positive(int), default=8, help="buffers (default 8)")
-    parser.add_argument("--lanes", type=_positive(int), default=2, help="lanes (default 2)")
+    parser.add_argument(
+        "--buffer-size",
+        type=_size,
+        help="force the bytes per buffer (the rest: create()'s defaults)",
+    )
+    parser.add_argument(
+        "--buffers", type=_positive(int), help="force the buffers (the rest: defaults)"
+    )
+    parser.add_argument("--lanes", type=_positive(int), help="force the lanes (the rest: defaults)")
     parser.add_argument(
         "--batches",
         action=argparse.BooleanOptionalAction,
@@ -825,11 +998,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _geometry(args: argparse.Namespace) -> tuple[Geometry, str]:
+    """The run's geometry and where it came from."""
+    if args.buffer_size is not None or args.buffers is not None or args.lanes is not None:
+        return Geometry(args.buffer_size, args.buffers, args.lanes), "forced"
+    if args.geometry == "default":
+        return Geometry(), "create() defaults"
+    if args.geometry == "random":
+        picked = pick_geometry(args.seed)
+        return picked, "create() defaults" if picked.is_default else "picked at random"
+    size, buffers, lanes = args.geometry.split("/")
+    return Geometry(_size(size), int(buffers), int(lanes)), "forced"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak; returns 0 if the verdict is clean, 1 if not, 2 on bad usage."""
     args = _parser().parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().getrandbits(32)
+    geometry, origin = _geometry(args)
+    try:
+        max_writers = inspect.signature(shmflush.create).parameters["max_writers"].default
+        L.check_geometry(*geometry.resolved(), int(max_writers))
+    except ValueError as exc:
+        print(f"bad geometry {geometry.label()}: {exc}", file=sys.stderr)
+        return 2
     made_dir = args.dir is None
     directory = tempfile.mkdtemp(prefix="shmflush-soak-", dir=os.getcwd()) if made_dir else args.dir
     path = os.path.join(directory, _LOG_FILE)
@@ -842,11 +1035,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
     print(
         f"soak: {args.seconds:g} s, {args.writers} writers, a kill every "
-        f"{args.kill_interval:g} s on average, seed {args.seed}, file {path}",
+        f"{args.kill_interval:g} s on average, geometry {geometry.label()} ({origin}), "
+        f"seed {args.seed}, file {path}",
         file=sys.stderr,
         flush=True,
     )
-    soak = _Soak(args, path, stop_path)
+    soak = _Soak(args, path, stop_path, geometry)
     try:
         status = _run(soak, args)
     except KeyboardInterrupt:
@@ -871,7 +1065,7 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
     seconds = time.monotonic() - soak.began
     stats = soak.finish()
     print("soak: reading the file back", file=sys.stderr, flush=True)
-    check = check_file(soak.path, soak.acked, soak.history.__contains__)
+    check = check_file(soak.path, soak.acked, soak.history.__contains__, large=soak.large)
     if check.read_error:
         soak.errors.append(f"strict read: {check.read_error}")
     kills = soak.writer_kills + len(soak.flusher_kills)
@@ -883,19 +1077,22 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
         f"recovered={stats.recovered if stats else '?'} "
         f"restarts={stats.flusher_restarts if stats else '?'} seconds={seconds:.1f} "
         f"unacked_in_file={check.unacked_in_file} errors={len(soak.errors)} "
-        f"seed={args.seed}",
+        f"seed={args.seed} geometry={soak.geometry.label()}",
         flush=True,
     )
     print(
         f"soak: the ring had no live flusher {soak.down_periods} times, for up to "
-        f"{soak.down_max:.1f} s",
+        f"{soak.down_max:.1f} s; {check.tiny} tiny records in the file, "
+        f"{check.tiny_acked} acknowledged",
         file=sys.stderr,
     )
     soak.explain(check)
     if check.read_error:
         # The strict read stops at the first damage; look past it, to tell the
         # records really lost from those only hidden behind the damage.
-        lenient = check_file(soak.path, soak.acked, soak.history.__contains__, strict=False)
+        lenient = check_file(
+            soak.path, soak.acked, soak.history.__contains__, large=soak.large, strict=False
+        )
         print(
             f"soak: read past the damage (strict=False): in_file={lenient.in_file} "
             f"lost={lenient.lost} duplicated={lenient.duplicated} "
