@@ -1,28 +1,52 @@
-"""``scripts/soak.py``: SIGKILL writers and the flusher at random under a live load,
-then check the file record by record.
+"""``scripts/soak.py``: abuse writers and the flusher at random under a live load, the
+way real users do, then check the file record by record.
 
 This process is the ring's owner.  It keeps a pool of writer processes appending
 (``append``, ``reserve`` and ``append_many`` batches, with an occasional
-``sync``), and every so often SIGKILLs one of them (which it replaces with a new
-one) or the flusher (which the owner's watchdog restarts).  Each writer process
-gets a writer id of its own, so the sequence numbers of one id belong to one
-process.  After each append returns, the writer reports the highest sequence
-number it has appended through a pipe, 12 bytes in one write(2) (atomic, being
-under PIPE_BUF), so the owner knows exactly which records were acknowledged.
+``sync``) and, every so often, does one of these to a random victim:
+
+* SIGKILL a writer process (which it replaces with a new one) or the flusher
+  (which the owner's watchdog restarts);
+* inject an exception into a writer: SIGUSR1, whose handler raises ``_Injected``
+  in the writer's main thread or sends it to one of its appending threads, or
+  SIGINT, which raises ``KeyboardInterrupt`` like Ctrl-C.  The writer catches it
+  around the operation and goes on appending;
+* SIGSTOP a writer for 0.05 to 1 s, then SIGCONT it.
+
+The ring's geometry is picked per run, mostly the ``create()`` defaults (what
+users run), sometimes small or large buffers; record sizes run from 0 bytes to
+a good part of a buffer.  About half the writer processes churn threads: each
+thread appends for a short while and exits, and new ones keep starting, so
+writer slots are taken and given back all the time.
+
+Every thread appends under a writer id of its own (process index * 65536 +
+thread number; thread 0 is the process's main thread), so the sequence numbers
+of one id belong to one thread, in order.  After each operation returns, the
+thread acknowledges the sequence numbers it covered through a pipe: 12 bytes in
+one write(2) (atomic, being under PIPE_BUF).  An operation an exception
+interrupted is never acknowledged, and its sequence numbers are never used
+again: its records may or may not be in the file, but never torn or twice.  The
+owner thus knows, per writer id, the highest sequence number acknowledged and
+the stretches below it that were not.
 
 At the end the owner stops the writers, syncs, closes the ring and reads the file
 back (strictly).  An acknowledged record that is missing is *lost*; a record
 seen twice is *duplicated*; a record of one writer that comes before one with a
 higher sequence number is *out of order*; a record whose bytes are not what its
 writer wrote is *corrupt*.  A record that is in the file but was never
-acknowledged (the writer died while appending it) is allowed.  The one-line
-verdict goes to stdout; progress and diagnostics go to stderr.
+acknowledged (its writer died or was interrupted while appending it) is allowed.
+Records shorter than the 12-byte (writer id, seq) header cannot say whose they
+are: they are checked for content, and counted (see :func:`is_tiny`).  The
+one-line verdict goes to stdout; progress and diagnostics go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import ctypes
+import inspect
 import os
 import random
 import shutil
@@ -33,130 +57,391 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 
 import shmflush
 
 from . import _format, _proc
 from . import _layout as L
+from ._api import _default_lanes
 from ._ring import Ring, attach_ring
 
-# Every record starts with (writer id, sequence number); the same 12 bytes are
-# what a writer sends through the pipe to acknowledge its appends.
-HEADER = struct.Struct("<IQ")
+# -- the records -------------------------------------------------------------------
 
-# Filler sizes run from 0 to this; most are small, so a 16 KiB buffer holds many
-# records and rotations happen often.
-MAX_FILLER = 2048
+# Every record of 12 bytes or more starts with (writer id, sequence number).  The
+# acknowledgements use the same struct: (writer id, first seq | count << 48).
+HEADER = struct.Struct("<IQ")
+_SEQ_BITS = 48
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+# Writer ids: process index * _IDS_PER_PROCESS + thread number (0: main thread).
+# Id 0 is no writer: its messages are events (_EVENT_*), value = kind << 48 | index.
+_IDS_PER_PROCESS = 1 << 16
+_MAX_PROCESSES = (1 << 32) // _IDS_PER_PROCESS
+_EVENT_READY = 1  # the process has its signal handlers: exceptions may be injected
+_EVENT_IN_OP = 2  # an injected exception landed inside an operation and was caught
+_EVENT_ESCAPED = 3  # one landed between a thread's operations and ended the thread
+_EVENT_IN_LIBRARY = 4  # one landed inside shmflush's code (also an _EVENT_IN_OP)
+
+# Record *seq* of a writer is tiny (0 to 11 bytes, no room for the header) when
+# seq % TINY_EVERY is that writer's phase (1 to TINY_EVERY - 1: seq 0 never is).
+TINY_EVERY = 8
+_TINY = b"tiny-record"  # a tiny record of n bytes is _TINY[:n]
+assert len(_TINY) == HEADER.size - 1
+# The largest record, when the buffer allows (see large_limit).
+MAX_LARGE = 64 << 10
 # The filler of a record is a window into this fixed pseudo-random pattern whose
 # start depends on (writer id, seq), so a record's bytes pasted elsewhere, or
 # shifted, do not match.
 _SPAN = 4093  # prime: neighbouring records start far apart
-_PATTERN = random.Random(0x50A4).randbytes(_SPAN + MAX_FILLER)
+_PATTERN = random.Random(0x50A4).randbytes(_SPAN + MAX_LARGE)
+# The most records one operation appends (append_many).
+_MAX_BATCH = 8
 
-_STOP_FILE = "stop"
-_LOG_FILE = "soak.log"
+
+def large_limit(buffer_size: int) -> int:
+    """The largest record the soak appends to a ring of *buffer_size*: 64 KiB, or
+    half of what a buffer can hold if that is less."""
+    capacity = buffer_size - _format.SEGMENT_HEADER_SIZE - _format.RECORD_HEADER_SIZE
+    return max(HEADER.size, min(MAX_LARGE, capacity // 2))
+
+
+def _mix(writer_id: int, seq: int) -> int:
+    h = ((writer_id * 0x9E3779B1) ^ (seq * 0x85EBCA77)) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def _tiny_phase(writer_id: int) -> int:
+    return TINY_EVERY - 1 - writer_id % (TINY_EVERY - 1)
+
+
+def is_tiny(writer_id: int, seq: int) -> bool:
+    """Whether record *seq* of *writer_id* is shorter than the header.
+
+    Such a record is ``_TINY[:n]``: the checker can tell it is intact, but not
+    whose it is, so tiny records are checked in aggregate (as many in the file as
+    were acknowledged, at least), not one by one.
+    """
+    return seq % TINY_EVERY == _tiny_phase(writer_id)
+
+
+def tiny_count(writer_id: int, lo: int, hi: int) -> int:
+    """How many of the sequence numbers ``lo <= seq < hi`` of *writer_id* are tiny."""
+    phase = _tiny_phase(writer_id)
+
+    def below(x: int) -> int:  # tiny seqs in [0, x)
+        return (x - phase + TINY_EVERY - 1) // TINY_EVERY if x > phase else 0
+
+    return below(hi) - below(lo) if hi > lo else 0
+
+
+def record_length(writer_id: int, seq: int, large: int = MAX_LARGE) -> int:
+    """The length of record *seq* of *writer_id*: 0 to 11 bytes if it is tiny, else
+    the 12-byte header plus a filler of 0 bytes (often), a few bytes (mostly), up
+    to a few KiB (now and then) or up to *large* in all (one in a hundred)."""
+    h = _mix(writer_id, seq)
+    r = h >> 8
+    if is_tiny(writer_id, seq):
+        return 0 if h % 3 == 0 else 1 + r % (HEADER.size - 1)
+    bucket = h % 100
+    if bucket < 20:
+        filler = 0
+    elif bucket < 65:
+        filler = 1 + r % 63
+    elif bucket < 90:
+        filler = 64 + r % 960
+    elif bucket < 99:
+        filler = 1024 + r % 3072
+    else:
+        filler = r % (large - HEADER.size + 1)
+    return HEADER.size + min(filler, large - HEADER.size)
+
+
+def expected_record(writer_id: int, seq: int, large: int = MAX_LARGE) -> bytes:
+    """Record *seq* of writer *writer_id*, exactly as the writer appends it."""
+    n = record_length(writer_id, seq, large)
+    if n < HEADER.size:
+        return _TINY[:n]
+    start = (writer_id * 131 + seq * 61) % _SPAN
+    return HEADER.pack(writer_id, seq) + _PATTERN[start : start + n - HEADER.size]
+
+
+# -- the writer process ------------------------------------------------------------
 
 # Writers give up on an append after this long: a wedged ring then shows up as
 # writer errors instead of a silent hang.
 _APPEND_TIMEOUT_S = 60.0
 # Writers look at the stop file once per this many operations.
 _STOP_CHECK_EVERY = 16
-_STOP_GRACE_S = 10.0
-_CLOSE_TIMEOUT_S = 120.0
-# The final sync: recovery of a dead writer's claim takes well under a second.
-_SYNC_TIMEOUT_S = 30.0
-_PROGRESS_EVERY_S = 10.0
-# No acknowledgement for this long while writers run: dump the ring's state.
-_STALL_S = 20.0
-# A buffer whose state, fill and commits stay the same this long under one live
-# flusher, while recovery settles a dead writer's claim within recovery_timeout
-# (0.2 s), is stuck: dump the ring.
-_STUCK_S = 5.0
-# A restarted flusher is a new Python process: on a loaded machine it takes a
-# second or two to start.  No live flusher for this long is an error.
-_DOWN_S = 15.0
-# Share of kills aimed at the flusher rather than a writer.
-_FLUSHER_SHARE = 0.2
-_EXAMPLES = 5
+# A stopping writer process waits this long for its threads.
+_THREAD_JOIN_S = 8.0
+# A churning process keeps this many threads appending; each does this many
+# operations, then exits.
+_THREADS = (2, 6)
+_THREAD_OPS = (1, 60)
+_RETIRED = 3  # exit status: the process used up its writer ids; replace it
+_PR_SET_PDEATHSIG = 1
 
 _WRITER_CODE = (
     "import sys; from shmflush._soak import writer_main; sys.exit(writer_main(sys.argv[1:]))"
 )
 
 
-def filler_size(writer_id: int, seq: int) -> int:
-    """The filler length of record *seq* of writer *writer_id* (0 to MAX_FILLER)."""
-    h = ((writer_id * 0x9E3779B1) ^ (seq * 0x85EBCA77)) & 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    h ^= h >> 15
-    bucket = h % 20
-    if bucket < 14:
-        return (h >> 8) % 160
-    if bucket < 19:
-        return (h >> 8) % 1000
-    return (h >> 8) % (MAX_FILLER + 1)
+class _Injected(Exception):  # noqa: N818  (an interrupt, like KeyboardInterrupt)
+    """The exception the soak injects into a writer's append (SIGUSR1)."""
 
 
-def expected_record(writer_id: int, seq: int) -> bytes:
-    """Record *seq* of writer *writer_id*, exactly as the writer appends it."""
-    start = (writer_id * 131 + seq * 61) % _SPAN
-    return HEADER.pack(writer_id, seq) + _PATTERN[start : start + filler_size(writer_id, seq)]
+class _Sequence:
+    """The records of one writer id, appended by one thread, in order."""
+
+    __slots__ = ("armed", "ident", "rng", "seq", "writer_id")
+
+    def __init__(self, writer_id: int, seed: int) -> None:
+        self.writer_id = writer_id
+        self.seq = 0  # the next sequence number; never reused, even if interrupted
+        self.rng = random.Random(seed)
+        # True while the thread is inside an operation (its try block): only then
+        # may an injected exception land, so the writer always knows what it hit.
+        self.armed = False
+        self.ident = 0  # the appending thread's identifier
 
 
-# -- the writer process ------------------------------------------------------------
+class _WriterProcess:
+    """One writer process: its main thread appends, and (churning) starts threads
+    that append for a while and exit."""
+
+    def __init__(self, ring: shmflush.Ring, argv: Sequence[str]) -> None:
+        _, index, fd, stop, seed, batches, churn, large = argv
+        self.ring = ring
+        self.index, self.fd, self.stop_path = int(index), int(fd), stop
+        self.large = int(large)
+        self.churn = churn == "1"
+        self.batch_share = 0.25 if batches == "1" else 0.0
+        self.rng = random.Random(int(seed))
+        self.parent = os.getppid()
+        self.next_thread = 0
+        self.main = self.new_sequence()
+        self.main.ident = threading.get_ident()
+        self.workers: list[tuple[threading.Thread, _Sequence]] = []
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.failure_lock = threading.Lock()
+
+    def new_sequence(self) -> _Sequence:
+        writer_id = self.index * _IDS_PER_PROCESS + self.next_thread
+        self.next_thread += 1
+        return _Sequence(writer_id, self.rng.getrandbits(63))
+
+    # -- injected exceptions ---------------------------------------------------
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1 and SIGINT: raise in the main thread, or (SIGUSR1, half the time
+        in a churning process) in an appending thread, if it is inside an
+        operation; otherwise do nothing.
+
+        Python runs this in the main thread between two bytecodes, so the main
+        thread's ``armed`` is exact.  A thread gets the exception asynchronously
+        (PyThreadState_SetAsyncExc) at its next check, which is almost always
+        still inside the operation; if not, it ends the thread (_EVENT_ESCAPED).
+        The target is disarmed first, so one operation takes one exception.
+        """
+        if signum == signal.SIGUSR1 and (not self.main.armed or self.rng.random() < 0.5):
+            armed = [s for _, s in self.workers if s.armed]
+            if armed:
+                target = self.rng.choice(armed)
+                target.armed = False
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(target.ident), ctypes.py_object(_Injected)
+                )
+                return
+        if self.main.armed:
+            self.main.armed = False
+            raise KeyboardInterrupt if signum == signal.SIGINT else _Injected()
+
+    def event(self, kind: int) -> None:
+        os.write(self.fd, HEADER.pack(0, kind << _SEQ_BITS | self.index))
+
+    # -- appending -------------------------------------------------------------
+
+    def step(self, s: _Sequence) -> None:
+        """One operation of *s*, armed: an injected exception is caught here, and
+        the next operation goes on with the next sequence number."""
+        try:
+            s.armed = True  # inside the try: whatever lands from here on is caught
+            self.operate(s)
+            s.armed = False
+        except (_Injected, KeyboardInterrupt) as exc:
+            s.armed = False
+            self.event(_EVENT_IN_OP)
+            if _landed_in_library(exc):
+                self.event(_EVENT_IN_LIBRARY)
+        except BaseException:
+            # A real failure: the process ends, and no signal may raise in the
+            # code that winds it up.
+            s.armed = False
+            raise
+
+    def operate(self, s: _Sequence) -> None:
+        ring, rng, writer_id, large = self.ring, s.rng, s.writer_id, self.large
+        timeout = _APPEND_TIMEOUT_S
+        roll = rng.random()
+        first = s.seq
+        # The sequence numbers are taken before the operation starts: if it is
+        # interrupted, they are not used again (their records may be in the file).
+        if roll < 0.75 - self.batch_share:
+            count = 1
+            s.seq = first + 1
+            ring.append(expected_record(writer_id, first, large), timeout=timeout)
+        elif roll < 1.0 - self.batch_share:
+            count = 1
+            s.seq = first + 1
+            record = expected_record(writer_id, first, large)
+            with ring.reserve(len(record), timeout=timeout) as view:
+                # Two stores, like a caller building its record in place.
+                view[: HEADER.size] = record[: HEADER.size]
+                view[HEADER.size :] = record[HEADER.size :]
+        else:
+            count = rng.randint(2, _MAX_BATCH)
+            s.seq = first + count
+            ring.append_many(
+                [expected_record(writer_id, q, large) for q in range(first, first + count)],
+                timeout=timeout,
+            )
+        os.write(self.fd, HEADER.pack(writer_id, first | count << _SEQ_BITS))
+        if roll > 0.997:
+            ring.sync(timeout=timeout)
+
+    def should_stop(self) -> bool:
+        if self.failure is not None or os.path.exists(self.stop_path):
+            return True
+        return os.getppid() != self.parent
+
+    def run(self) -> int:
+        """Append until told to stop; returns the exit status."""
+        self.event(_EVENT_READY)
+        try:
+            status = self.load()
+        finally:
+            # Whatever ended the load, no thread may use the ring once it closes.
+            self.stopping = True
+            joined = self.join()
+        return joined or status
+
+    def load(self) -> int:
+        ops = 0
+        width = self.rng.randint(*_THREADS) if self.churn else 0
+        while not (ops % _STOP_CHECK_EVERY == 0 and self.should_stop()):
+            ops += 1
+            if width:
+                self.workers = [w for w in self.workers if w[0].is_alive()]
+                while len(self.workers) < width:
+                    if self.next_thread >= _IDS_PER_PROCESS:
+                        return _RETIRED
+                    self.start_thread()
+            self.step(self.main)
+        return 0
+
+    def start_thread(self) -> None:
+        s = self.new_sequence()
+        ops = self.rng.randint(*_THREAD_OPS)
+        thread = threading.Thread(target=self.thread_main, args=(s, ops), daemon=True)
+        thread.start()
+        self.workers.append((thread, s))
+
+    def thread_main(self, s: _Sequence, ops: int) -> None:
+        s.ident = threading.get_ident()
+        try:
+            for _ in range(ops):
+                if self.stopping:
+                    break
+                self.step(s)
+        except _Injected:
+            # Sent just as the thread left an operation: it only ends early.
+            with contextlib.suppress(_Injected):
+                self.event(_EVENT_ESCAPED)
+        except BaseException as exc:
+            with self.failure_lock:
+                if self.failure is None:
+                    self.failure = exc
+                    print(
+                        f"soak: writer {s.writer_id} (thread) failed:\n"
+                        + "".join(traceback.format_exception(exc)),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    def join(self) -> int:
+        """Wait for the threads; the exit status: 0, or 1 if any failed or hangs."""
+        deadline = time.monotonic() + _THREAD_JOIN_S
+        for thread, s in self.workers:
+            thread.join(max(deadline - time.monotonic(), 0.01))
+            if thread.is_alive():
+                print(f"soak: writer {s.writer_id} (thread) did not stop", file=sys.stderr)
+                os._exit(1)  # closing the ring under a running thread could crash
+        return 1 if self.failure is not None else 0
+
+
+_HERE = os.path.abspath(__file__)
+_LIBRARY = os.path.dirname(_HERE) + os.sep
+
+
+def _landed_in_library(exc: BaseException) -> bool:
+    """Whether *exc* was raised in shmflush's own code (not the soak's, not the
+    standard library's): the innermost frame of its traceback, the signal
+    handler's excepted."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code is not _WriterProcess.on_signal.__code__:
+            where = code.co_filename
+        tb = tb.tb_next
+    where = os.path.abspath(where)
+    return where.startswith(_LIBRARY) and where != _HERE
 
 
 def writer_main(argv: Sequence[str]) -> int:
-    """Body of one writer process: ``NAME WRITER_ID ACK_FD STOP_FILE SEED BATCHES``.
+    """Body of one writer process:
+    ``NAME INDEX ACK_FD STOP_FILE SEED BATCHES CHURN LARGE``.
 
-    Appends records 0, 1, 2, ... of its writer id until the stop file appears (or
-    its parent goes away), acknowledging each returned append or batch on ACK_FD.
-    Any error propagates: the process exits non-zero, and the soak counts it.
+    Appends under writer ids ``INDEX * 65536 + thread number`` until the stop file
+    appears (or its parent goes away), acknowledging each operation that returned
+    on ACK_FD.  Injected exceptions (SIGUSR1, SIGINT) are caught around each
+    operation; any other error makes the process exit non-zero, and the soak
+    counts it.  Exit status 3: the process used up its writer ids.
     """
-    name, writer_id_text, fd_text, stop, seed_text, batches_text = argv
-    batch_share = 0.25 if batches_text == "1" else 0.0
-    writer_id, fd = int(writer_id_text), int(fd_text)
     parent = os.getppid()
-    rng = random.Random(int(seed_text))
-    ack = HEADER.pack
-    timeout = _APPEND_TIMEOUT_S
-    ring = shmflush.attach(name)
+    # Die with the owner, even while stopped: a SIGSTOPped orphan would never
+    # look at its parent again.
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        return 0
+    ring = shmflush.attach(argv[0])
+    writer = _WriterProcess(ring, argv)
+    # Python's own SIGINT handler raises KeyboardInterrupt at any bytecode, the
+    # writer's bookkeeping included, where the soak could not tell what it hit;
+    # this one raises it only inside an operation, which is what the soak tests.
+    signal.signal(signal.SIGUSR1, writer.on_signal)
+    signal.signal(signal.SIGINT, writer.on_signal)
     try:
-        seq = 0
-        ops = 0
-        while True:
-            if ops % _STOP_CHECK_EVERY == 0 and (os.path.exists(stop) or os.getppid() != parent):
-                return 0
-            ops += 1
-            roll = rng.random()
-            if roll < 0.75 - batch_share:
-                ring.append(expected_record(writer_id, seq), timeout=timeout)
-                seq += 1
-            elif roll < 1.0 - batch_share:
-                record = expected_record(writer_id, seq)
-                with ring.reserve(len(record), timeout=timeout) as view:
-                    # Two stores, like a caller building its record in place.
-                    view[: HEADER.size] = record[: HEADER.size]
-                    view[HEADER.size :] = record[HEADER.size :]
-                seq += 1
-            else:
-                count = rng.randint(2, 8)
-                ring.append_many(
-                    [expected_record(writer_id, s) for s in range(seq, seq + count)],
-                    timeout=timeout,
-                )
-                seq += count
-            os.write(fd, ack(writer_id, seq - 1))
-            if roll > 0.997:
-                ring.sync(timeout=timeout)
+        return writer.run()
     finally:
+        # From here on a late signal must not decide the exit status: Python puts
+        # back the default handlers (which kill) while it shuts down, unless the
+        # signal is ignored.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         ring.close()
 
 
 # -- checking the file ---------------------------------------------------------------
+
+_EXAMPLES = 5
 
 
 @dataclass
@@ -170,6 +455,8 @@ class FileCheck:
     corrupt: int = 0  #: records whose bytes are not what their writer wrote
     unacked_in_file: int = 0  #: records in the file that were never acknowledged
     abandoned: int = 0  #: ABANDONED records the reader skipped
+    tiny: int = 0  #: intact records shorter than the header (counted in in_file)
+    tiny_acked: int = 0  #: tiny records acknowledged
     read_error: str = ""  #: what the strict read raised, if anything
     examples: dict[str, list[str]] = field(default_factory=dict)
     #: writer id -> (first missing seq, missing count) for acknowledged records
@@ -188,16 +475,27 @@ class FileCheck:
 
 
 def check_file(
-    path: str, acked: Mapping[int, int], known: Callable[[int], bool], *, strict: bool = True
+    path: str,
+    acked: Mapping[int, int],
+    known: Callable[[int], bool],
+    *,
+    unacked: Mapping[int, Sequence[tuple[int, int]]] | None = None,
+    large: int = MAX_LARGE,
+    strict: bool = True,
 ) -> FileCheck:
     """Read *path* and compare it with the acknowledgements.
 
     *acked* maps a writer id to the highest sequence number acknowledged (writers
-    that acknowledged nothing may be absent); *known* tells whether a writer id
-    was ever started.  Memory: per writer, the next expected sequence number and
-    the list of gaps, which is empty unless something went wrong.  With
-    *strict* false, damaged stretches are skipped and listed in ``read_error``.
+    that acknowledged nothing may be absent); *unacked* maps a writer id to the
+    sorted, disjoint stretches ``[lo, hi)`` below that which were not
+    acknowledged (interrupted operations): their records may be missing.
+    *known* tells whether a writer id was ever started; *large* is the
+    ``large_limit`` the writers used.  Memory: per writer, the next expected
+    sequence number and the list of gaps, which is empty unless something went
+    wrong.  With *strict* false, damaged stretches are skipped and listed in
+    ``read_error``.
     """
+    holes = unacked or {}
     out = FileCheck()
     following: dict[int, int] = {}  # writer id -> next seq expected
     gaps: dict[int, list[list[int]]] = {}  # writer id -> [[lo, hi), ...] not seen yet
@@ -207,8 +505,11 @@ def check_file(
         for index, payload in enumerate(reader):
             out.in_file += 1
             if len(payload) < HEADER.size:
-                out.corrupt += 1
-                out.note("corrupt", f"record #{index}: {len(payload)} bytes, no header")
+                if payload == _TINY[: len(payload)]:
+                    out.tiny += 1
+                else:
+                    out.corrupt += 1
+                    out.note("corrupt", f"record #{index}: {len(payload)} bytes, not a tiny one")
                 continue
             writer_id, seq = HEADER.unpack_from(payload)
             if not known(writer_id):
@@ -216,12 +517,14 @@ def check_file(
                 out.note("corrupt", f"record #{index}: unknown writer id {writer_id}")
                 continue
             where = f"record #{index} (writer {writer_id} seq {seq})"
-            if payload != expected_record(writer_id, seq):
+            if payload != expected_record(writer_id, seq, large):
                 out.corrupt += 1
                 out.note("corrupt", f"{where}: {len(payload)} bytes, not as written")
+                if is_tiny(writer_id, seq):
+                    continue  # no such record was ever written: it says nothing of order
             expected = following.get(writer_id, 0)
             first_time = True
-            if seq == expected:
+            if seq == expected or (seq == expected + 1 and is_tiny(writer_id, expected)):
                 following[writer_id] = seq + 1
             elif seq > expected:
                 gaps.setdefault(writer_id, []).append([expected, seq])
@@ -234,7 +537,9 @@ def check_file(
                 else:
                     out.duplicated += 1
                     out.note("duplicated", where)
-            if first_time and seq > acked.get(writer_id, -1):
+            if first_time and (
+                seq > acked.get(writer_id, -1) or _inside(holes.get(writer_id, ()), seq)
+            ):
                 out.unacked_in_file += 1
     except shmflush.ShmflushError as exc:
         out.read_error = f"after record #{index}: {exc}"
@@ -246,18 +551,28 @@ def check_file(
             f"[{d.start}, {d.end}) {d.reason}" for d in reader.damaged[:_EXAMPLES]
         )
     for writer_id, top in sorted(acked.items()):
-        missing: list[tuple[int, int]] = []
-        for lo, hi in gaps.get(writer_id, []):
-            if lo <= top:
-                missing.append((lo, min(hi, top + 1) - lo))
+        skipped = holes.get(writer_id, ())
+        out.tiny_acked += tiny_count(writer_id, 0, top + 1) - sum(
+            tiny_count(writer_id, lo, min(hi, top + 1)) for lo, hi in skipped
+        )
+        unseen = [(lo, min(hi, top + 1)) for lo, hi in gaps.get(writer_id, []) if lo <= top]
         after = following.get(writer_id, 0)
         if after <= top:
-            missing.append((after, top + 1 - after))
+            unseen.append((after, top + 1))
+        missing: list[tuple[int, int]] = []
+        for lo, hi in unseen:
+            for a, b in _subtract(lo, hi, skipped):
+                n = b - a - tiny_count(writer_id, a, b)  # tiny ones are counted below
+                if n:
+                    missing.append((a + 1 if is_tiny(writer_id, a) else a, n))
         if missing:
             out.lost_by_writer[writer_id] = missing
             out.lost += sum(n for _, n in missing)
             for lo, n in missing:
-                out.note("lost", f"writer {writer_id} seq {lo}..{lo + n - 1} (acked {top})")
+                out.note("lost", f"writer {writer_id}: {n} records from seq {lo} (acked {top})")
+    if out.tiny < out.tiny_acked:
+        out.lost += out.tiny_acked - out.tiny
+        out.note("lost", f"{out.tiny_acked} tiny records acknowledged, {out.tiny} in the file")
     return out
 
 
@@ -271,37 +586,199 @@ def _fill_gap(gaps: list[list[int]], seq: int) -> bool:
     return False
 
 
+def _inside(ranges: Sequence[tuple[int, int]], seq: int) -> bool:
+    """Whether *seq* is in one of the sorted, disjoint ``[lo, hi)`` *ranges*."""
+    k = bisect.bisect_right(ranges, (seq, _SEQ_MASK + 1)) - 1
+    return k >= 0 and ranges[k][0] <= seq < ranges[k][1]
+
+
+def _subtract(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` less the sorted, disjoint *ranges*, as a list of ranges."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if b <= lo:
+            continue
+        if a >= hi:
+            break
+        if a > lo:
+            out.append((lo, a))
+        lo = max(lo, b)
+    if lo < hi:
+        out.append((lo, hi))
+    return out
+
+
+class Acks:
+    """The acknowledgements as the owner receives them, per writer id.
+
+    ``top``: the highest sequence number acknowledged; ``holes``: the stretches
+    ``[lo, hi)`` below it that never were (an interrupted operation, or one whose
+    acknowledgement an exception cut short); ``count``: records acknowledged.
+    A thread acknowledges its operations in order, so a stretch it skips is a
+    hole for good.
+    """
+
+    def __init__(self) -> None:
+        self.top: dict[int, int] = {}
+        self.holes: dict[int, list[tuple[int, int]]] = {}
+        self.count = 0
+        self.errors: list[str] = []
+
+    def add(self, writer_id: int, first: int, count: int) -> None:
+        """Operation ``first .. first + count - 1`` of *writer_id* returned."""
+        top = self.top.get(writer_id, -1)
+        if first != top + 1:
+            if first <= top or count < 1:
+                self.errors.append(
+                    f"writer {writer_id} acknowledged seq {first}+{count} after {top}"
+                )
+                return
+            self.holes.setdefault(writer_id, []).append((top + 1, first))
+        self.top[writer_id] = first + count - 1
+        self.count += count
+
+    def feed(self, data: bytes) -> list[tuple[int, int]]:
+        """Take in whole 12-byte messages from the front of *data* (the caller keeps
+        the rest); returns the events among them, as (kind, process index)."""
+        events: list[tuple[int, int]] = []
+        tops, holes = self.top, self.holes
+        counted = 0
+        # add(), inlined: the owner has to keep up with every writer thread.
+        for writer_id, value in HEADER.iter_unpack(data[: len(data) - len(data) % HEADER.size]):
+            if not writer_id:
+                events.append((value >> _SEQ_BITS, value & _SEQ_MASK))
+                continue
+            first, count = value & _SEQ_MASK, value >> _SEQ_BITS
+            top = tops.get(writer_id, -1)
+            if first != top + 1:
+                if first <= top or count < 1:
+                    self.add(writer_id, first, count)  # records the error
+                    continue
+                holes.setdefault(writer_id, []).append((top + 1, first))
+            tops[writer_id] = first + count - 1
+            counted += count
+        self.count += counted
+        return events
+
+
 # -- the owner ---------------------------------------------------------------------
+
+_STOP_FILE = "stop"
+_LOG_FILE = "soak.log"
+_STOP_GRACE_S = 10.0
+_REAP_S = 30.0  # a SIGKILLed process is gone long before this
+_CLOSE_TIMEOUT_S = 120.0
+# The final sync: recovery of a dead writer's claim takes well under a second.
+_SYNC_TIMEOUT_S = 30.0
+_PROGRESS_EVERY_S = 10.0
+# No acknowledgement for this long while writers run: dump the ring's state.
+_STALL_S = 20.0
+# A buffer whose state, fill and commits stay the same this long under one live
+# flusher, while recovery settles a dead writer's claim within recovery_timeout
+# (0.2 s) and no writer is stopped for more than _PAUSE_S, is stuck: dump the ring.
+_STUCK_S = 5.0
+# A restarted flusher is a new Python process: on a loaded machine it takes a
+# second or two to start.  No live flusher for this long is an error.
+_DOWN_S = 15.0
+# Share of kills aimed at the flusher rather than a writer.
+_FLUSHER_SHARE = 0.2
+# How long a SIGSTOPped writer stays stopped.
+_PAUSE_S = (0.05, 1.0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The ring's shape; ``None`` leaves a parameter to ``create()``'s default."""
+
+    buffer_size: int | None = None
+    buffers: int | None = None
+    lanes: int | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.buffer_size is None and self.buffers is None and self.lanes is None
+
+    def resolved(self) -> tuple[int, int, int]:
+        """(buffer_size, buffers, lanes) as ``create()`` will make them."""
+        defaults = inspect.signature(shmflush.create).parameters
+        buffer_size = self.buffer_size or int(defaults["buffer_size"].default)
+        buffers = self.buffers or int(defaults["buffers"].default)
+        return buffer_size, buffers, self.lanes or _default_lanes(buffers)
+
+    def label(self) -> str:
+        """``1M/8/1``: buffer size, buffers, lanes."""
+        buffer_size, buffers, lanes = self.resolved()
+        return f"{_size_label(buffer_size)}/{buffers}/{lanes}"
+
+
+# --geometry random: the create() defaults (what users run) well over half the
+# time, else one of these, from the smallest buffer to four times the default.
+_DEFAULT_WEIGHT = 65
+_GEOMETRIES = (
+    (Geometry(4 << 10, 8, 2), 6),
+    (Geometry(16 << 10, 8, 2), 7),
+    (Geometry(64 << 10, 4, 1), 5),
+    (Geometry(256 << 10, 16, 4), 6),
+    (Geometry(1 << 20, 2, 1), 5),
+    (Geometry(4 << 20, 4, 2), 6),
+)
+
+
+def pick_geometry(seed: int) -> Geometry:
+    """The geometry of a ``--geometry random`` run with *seed*."""
+    choices = [(Geometry(), _DEFAULT_WEIGHT), *_GEOMETRIES]
+    rng = random.Random(f"geometry:{seed}")
+    return rng.choices([g for g, _ in choices], [w for _, w in choices])[0]
+
+
+def _size_label(n: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 @dataclass
 class _Incarnation:
     """One writer process."""
 
-    writer_id: int
+    index: int  # its writer ids are index * _IDS_PER_PROCESS + thread number
+    churn: bool
     proc: subprocess.Popen[bytes]
     started: float
+    ready: bool = False  # its signal handlers are in place
+    stopped_until: float = 0.0  # SIGSTOPped until then (0: running)
     ended: float = 0.0
-    end: str = ""  # "killed", "stopped", "exit N", "straggler"
+    end: str = ""  # "killed", "stopped", "retired", "exit N", "straggler"
 
 
 class _Soak:
-    def __init__(self, args: argparse.Namespace, path: str, stop_path: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, path: str, stop_path: str, geometry: Geometry
+    ) -> None:
         self.args = args
         self.name: str = args.name
         self.path = path
         self.stop_path = stop_path
+        self.geometry = geometry
+        self.large = large_limit(geometry.resolved()[0])
         self.rng = random.Random(args.seed)
         self.ring: shmflush.Ring | None = None
         self.running: list[_Incarnation] = []
-        self.history: dict[int, _Incarnation] = {}
-        self.next_id = 1
-        self.acked: dict[int, int] = {}
+        self.history: dict[int, _Incarnation] = {}  # process index -> incarnation
+        self.next_index = 1
+        self.acks = Acks()
+        self.acked = self.acks.top  # writer id -> highest seq acknowledged
         self.ack_read = -1
         self.ack_write = -1
         self.ack_thread: threading.Thread | None = None
         self.writer_kills = 0
         self.flusher_kills: list[tuple[float, int]] = []  # (time, pid)
+        self.injected = 0  # SIGUSR1 and SIGINT sent
+        self.in_ops = 0  # injected exceptions caught inside an operation
+        self.in_library = 0  # of those, the ones raised inside shmflush's own code
+        self.escaped = 0  # injected exceptions that ended a thread between operations
+        self.stops = 0  # SIGSTOPs sent
         self.errors: list[str] = []
         self.watch: Ring | None = None  # our own mapping, to look at the state words
         self.stuck_seen: dict[int, tuple[tuple[int, int, int, int], float]] = {}
@@ -322,64 +799,89 @@ class _Soak:
     # -- set-up and tear-down ------------------------------------------------------
 
     def start(self) -> None:
-        a = self.args
-        self.ring = shmflush.create(
-            self.name,
-            self.path,
-            buffer_size=a.buffer_size,
-            buffers=a.buffers,
-            lanes=a.lanes,
-            flush_interval=0.01,
-            recovery_timeout=0.2,
-        )
+        g = self.geometry
+        if g.is_default:
+            # What users run: nothing about the shape passed at all.
+            self.ring = shmflush.create(
+                self.name, self.path, flush_interval=0.01, recovery_timeout=0.2
+            )
+        else:
+            buffer_size, buffers, _ = g.resolved()
+            self.ring = shmflush.create(
+                self.name,
+                self.path,
+                buffer_size,
+                buffers,
+                lanes=g.lanes,
+                flush_interval=0.01,
+                recovery_timeout=0.2,
+            )
         self.watch = attach_ring(self.name)
         self.ack_read, self.ack_write = os.pipe2(os.O_CLOEXEC)
         self.ack_thread = threading.Thread(target=self._read_acks, name="soak-acks", daemon=True)
         self.ack_thread.start()
-        for _ in range(a.writers):
+        for _ in range(self.args.writers):
             self._spawn()
 
     def _read_acks(self) -> None:
         # Runs until every write end is closed: ours (after the writers stop) and
         # the writers' (when they exit).
-        acked = self.acked
         pending = b""
-        size = HEADER.size
-        while chunk := os.read(self.ack_read, size * 5000):
+        while chunk := os.read(self.ack_read, HEADER.size * 5000):
             data = pending + chunk
-            usable = len(data) - len(data) % size
-            for writer_id, seq in HEADER.iter_unpack(data[:usable]):
-                acked[writer_id] = seq
-            pending = data[usable:]
+            for kind, index in self.acks.feed(data):
+                self._on_event(kind, index)
+            pending = data[len(data) - len(data) % HEADER.size :]
+
+    def _on_event(self, kind: int, index: int) -> None:
+        if kind == _EVENT_READY:
+            inc = self.history.get(index)
+            if inc is not None:
+                inc.ready = True
+        elif kind == _EVENT_IN_OP:
+            self.in_ops += 1
+        elif kind == _EVENT_ESCAPED:
+            self.escaped += 1
+        elif kind == _EVENT_IN_LIBRARY:
+            self.in_library += 1
+        else:
+            self.errors.append(f"writer process {index} sent unknown event {kind}")
 
     def _spawn(self) -> None:
-        writer_id = self.next_id
-        self.next_id += 1
+        index = self.next_index
+        if index >= _MAX_PROCESSES:
+            raise RuntimeError(f"the soak ran out of writer ids after {index} processes")
+        self.next_index += 1
         seed = self.rng.getrandbits(63)
+        churn = self.rng.random() < self.args.churn_share
+        argv = [self.name, str(index), str(self.ack_write), self.stop_path, str(seed)]
+        argv += ["1" if self.args.batches else "0", "1" if churn else "0", str(self.large)]
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _WRITER_CODE,
-                self.name,
-                str(writer_id),
-                str(self.ack_write),
-                self.stop_path,
-                str(seed),
-                "1" if self.args.batches else "0",
-            ],
+            [sys.executable, "-c", _WRITER_CODE, *argv],
             pass_fds=(self.ack_write,),
             stdin=subprocess.DEVNULL,
             env=self.env,
             # The owner stops the writers itself; a terminal's Ctrl-C must not.
             start_new_session=True,
         )
-        incarnation = _Incarnation(writer_id, proc, time.monotonic())
+        incarnation = _Incarnation(index, churn, proc, time.monotonic())
         self.running.append(incarnation)
-        self.history[writer_id] = incarnation
+        self.history[index] = incarnation
+
+    def known(self, writer_id: int) -> bool:
+        """Whether *writer_id* belongs to a writer process this soak started."""
+        return writer_id // _IDS_PER_PROCESS in self.history
+
+    def _continue_all(self) -> None:
+        for inc in self.running:
+            if inc.stopped_until:
+                inc.stopped_until = 0.0
+                with contextlib.suppress(OSError):
+                    inc.proc.send_signal(signal.SIGCONT)
 
     def stop_writers(self) -> None:
         """Ask the writers to stop, kill the ones that do not, and reap them all."""
+        self._continue_all()
         with open(self.stop_path, "wb"):
             pass
         deadline = time.monotonic() + _STOP_GRACE_S
@@ -388,13 +890,15 @@ class _Soak:
                 code = inc.proc.wait(max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 inc.proc.kill()
-                inc.proc.wait()
+                inc.proc.wait(_REAP_S)
                 inc.end = "straggler"
-                self.errors.append(f"writer {inc.writer_id} did not stop within {_STOP_GRACE_S} s")
+                self.errors.append(
+                    f"writer process {inc.index} did not stop within {_STOP_GRACE_S} s"
+                )
             else:
-                inc.end = "stopped" if code == 0 else f"exit {code}"
-                if code:
-                    self.errors.append(f"writer {inc.writer_id} exited with status {code}")
+                inc.end = {0: "stopped", _RETIRED: "retired"}.get(code, f"exit {code}")
+                if code not in (0, _RETIRED):
+                    self.errors.append(f"writer process {inc.index} exited with status {code}")
             inc.ended = time.monotonic()
         self.running = []
 
@@ -406,9 +910,12 @@ class _Soak:
             self.ack_thread.join(30)
             if self.ack_thread.is_alive():
                 self.errors.append("the acknowledgement pipe did not reach end of file")
+        self.errors.extend(self.acks.errors)
+        self.acks.errors = []
 
     def cleanup(self) -> None:
         """Idempotent; runs whatever happened before."""
+        self._continue_all()
         for inc in self.running:
             with contextlib.suppress(OSError):
                 inc.proc.kill()
@@ -432,28 +939,30 @@ class _Soak:
             os.close(self.ack_read)
             self.ack_read = -1
 
-    # -- the load and the kills ----------------------------------------------------
+    # -- the load and the events ---------------------------------------------------
 
     def run(self, seconds: float) -> None:
         ring = self.ring
         assert ring is not None
         rng = self.rng
-        mean = self.args.kill_interval
+        mean = self.args.event_interval
         self.began = now = time.monotonic()
         end = now + seconds
-        next_kill = now + rng.expovariate(1 / mean)
+        next_event = now + rng.expovariate(1 / mean)
         next_progress = now + _PROGRESS_EVERY_S
         last_acked, last_progress_at, dumped = -1, now, False
         while now < end:
-            time.sleep(max(min(next_kill, end, now + 0.05) - now, 0.0))
+            wake = min(next_event, end, now + 0.05)
+            for inc in self.running:
+                if inc.stopped_until:
+                    wake = min(wake, inc.stopped_until)
+            time.sleep(max(wake - now, 0.0))
             now = time.monotonic()
+            self._continue_due(now)
             self._replace_exited()
-            if now >= next_kill and now < end:
-                if rng.random() < _FLUSHER_SHARE:
-                    self._kill_flusher()
-                else:
-                    self._kill_writer()
-                next_kill = time.monotonic() + rng.expovariate(1 / mean)
+            if now >= next_event and now < end:
+                self._event(now)
+                next_event = time.monotonic() + rng.expovariate(1 / mean)
             if now >= next_progress:
                 next_progress += _PROGRESS_EVERY_S
                 self._progress(now)
@@ -466,9 +975,21 @@ class _Soak:
                 print(f"soak: no append acknowledged for {_STALL_S:.0f} s:", file=sys.stderr)
                 print(describe_ring(self.name, self.pids()), file=sys.stderr, flush=True)
 
+    def _event(self, now: float) -> None:
+        roll = self.rng.random()
+        if roll < self.args.exception_share:
+            self._inject()
+        elif roll < self.args.exception_share + self.args.stop_share:
+            self._pause(now)
+        elif self.rng.random() < _FLUSHER_SHARE:
+            self._kill_flusher()
+        else:
+            self._kill_writer()
+
     @property
     def appended(self) -> int:
-        return sum(seq + 1 for seq in list(self.acked.values()))
+        """Records acknowledged so far."""
+        return self.acks.count
 
     def _progress(self, now: float) -> None:
         ring = self.ring
@@ -479,13 +1000,21 @@ class _Soak:
             f"(writers={self.writer_kills} flusher={len(self.flusher_kills)}) "
             f"appended={self.appended} flushed={stats.buffers_flushed} "
             f"recovered={stats.recovered} restarts={stats.flusher_restarts} "
-            f"flusher_down_max={self.down_max:.1f}s errors={len(self.errors)}",
+            f"injected={self.injected} (in_ops={self.in_ops} in_library={self.in_library}) "
+            f"stops={self.stops} "
+            f"threads={self.threads} flusher_down_max={self.down_max:.1f}s "
+            f"errors={len(self.errors)}",
             file=sys.stderr,
             flush=True,
         )
 
+    @property
+    def threads(self) -> int:
+        """Threads other than main threads that acknowledged at least one record."""
+        return sum(1 for w in list(self.acked) if w % _IDS_PER_PROCESS)
+
     def pids(self) -> dict[int, int]:
-        return {inc.proc.pid: writer_id for writer_id, inc in self.history.items()}
+        return {inc.proc.pid: index for index, inc in self.history.items()}
 
     def _watch_flusher(self, now: float) -> int:
         """Track how long the ring goes without a live flusher; returns the live
@@ -547,19 +1076,54 @@ class _Soak:
             code = inc.proc.poll()
             if code is None:
                 continue
-            inc.end, inc.ended = f"exit {code}", time.monotonic()
-            self.errors.append(f"writer {inc.writer_id} exited with status {code} during the load")
+            inc.ended = time.monotonic()
+            if code == _RETIRED:
+                inc.end = "retired"
+            else:
+                inc.end = f"exit {code}"
+                self.errors.append(
+                    f"writer process {inc.index} exited with status {code} during the load"
+                )
             self.running.remove(inc)
             self._spawn()
 
     def _kill_writer(self) -> None:
         inc = self.rng.choice(self.running)
-        inc.proc.kill()
-        inc.proc.wait()
+        inc.proc.kill()  # a stopped process dies as well
+        try:
+            inc.proc.wait(_REAP_S)
+        except subprocess.TimeoutExpired:
+            self.errors.append(f"writer process {inc.index} survived SIGKILL for {_REAP_S} s")
         inc.end, inc.ended = "killed", time.monotonic()
         self.writer_kills += 1
         self.running.remove(inc)
         self._spawn()
+
+    def _inject(self) -> None:
+        """SIGUSR1 or SIGINT to a writer whose handlers are in place (before that,
+        either signal would just kill it)."""
+        ready = [inc for inc in self.running if inc.ready]
+        if not ready:
+            return
+        inc = self.rng.choice(ready)
+        inc.proc.send_signal(signal.SIGINT if self.rng.random() < 0.5 else signal.SIGUSR1)
+        self.injected += 1
+
+    def _pause(self, now: float) -> None:
+        """SIGSTOP a running writer; _continue_due sends SIGCONT."""
+        candidates = [inc for inc in self.running if not inc.stopped_until]
+        if not candidates:
+            return
+        inc = self.rng.choice(candidates)
+        inc.stopped_until = now + self.rng.uniform(*_PAUSE_S)
+        inc.proc.send_signal(signal.SIGSTOP)
+        self.stops += 1
+
+    def _continue_due(self, now: float) -> None:
+        for inc in self.running:
+            if inc.stopped_until and inc.stopped_until <= now:
+                inc.stopped_until = 0.0
+                inc.proc.send_signal(signal.SIGCONT)
 
     def _kill_flusher(self) -> None:
         ring = self.ring
@@ -604,13 +1168,23 @@ class _Soak:
             self.errors.append(f"close: {exc}")
         return stats
 
+    def check(self, *, strict: bool = True) -> FileCheck:
+        return check_file(
+            self.path,
+            self.acks.top,
+            self.known,
+            unacked=self.acks.holes,
+            large=self.large,
+            strict=strict,
+        )
+
     def explain(self, check: FileCheck) -> None:
         """Print the first examples of each problem, with the writers' histories."""
         for kind, examples in check.examples.items():
             for example in examples:
                 print(f"soak: {kind}: {example}", file=sys.stderr)
         for writer_id in list(check.lost_by_writer)[:_EXAMPLES]:
-            inc = self.history.get(writer_id)
+            inc = self.history.get(writer_id // _IDS_PER_PROCESS)
             if inc is None:
                 continue
             near = [
@@ -618,10 +1192,13 @@ class _Soak:
                 for t, pid in self.flusher_kills
                 if inc.started - 1 <= t <= (inc.ended or t) + 1
             ]
+            thread = writer_id % _IDS_PER_PROCESS
             print(
-                f"soak: writer {writer_id} (pid {inc.proc.pid}) ran "
+                f"soak: writer {writer_id} (process {inc.index} pid {inc.proc.pid}, "
+                f"{f'thread {thread}' if thread else 'main thread'}) ran "
                 f"{inc.started - self.began:.2f}s..{inc.ended - self.began:.2f}s, "
-                f"ended {inc.end or '?'}, acked up to {self.acked.get(writer_id)}; "
+                f"ended {inc.end or '?'}, acked up to {self.acked.get(writer_id)}, "
+                f"not acked: {self.acks.holes.get(writer_id, [])[:_EXAMPLES]}; "
                 f"flusher kills near it: {', '.join(near) or 'none'}",
                 file=sys.stderr,
             )
@@ -643,7 +1220,7 @@ def describe_ring(name: str, pids: Mapping[int, int] | None = None) -> str:
     """A multi-line dump of ring *name*: state words, lanes, leases, and the record
     headers of every buffer that is not idle (for stalls and stuck buffers).
 
-    *pids* maps writer pids to writer ids, to name the writers in the dump.
+    *pids* maps writer pids to writer process indexes, to name them in the dump.
     """
     try:
         core = attach_ring(name)
@@ -720,7 +1297,7 @@ def _describe(core: Ring, pids: Mapping[int, int]) -> list[str]:
         intent = words[(at + L.L_INTENT) // 8]
         if pid or intent:
             alive = _proc.is_alive(pid, words[(at + L.L_START) // 8])
-            who = f" (writer {pids[pid]})" if pid in pids else ""
+            who = f" (writer process {pids[pid]})" if pid in pids else ""
             lines.append(
                 f"  lease {k}: pid {pid}{who} {'alive' if alive else 'dead'} "
                 f"intent={intent:#x} (fill tag {intent >> 32}, "
@@ -750,6 +1327,8 @@ def _walk_records(core: Ring, i: int) -> str:
         if kind == _format.KIND_DATA and length >= HEADER.size:
             writer_id, seq = HEADER.unpack_from(view, start + p + _format.RECORD_HEADER_SIZE)
             what = f"{writer_id}/{seq}"
+        elif kind == _format.KIND_DATA:
+            what = f"tiny{length}"
         out.append(f"{p}:{size}:{what}")
         p += size
     return " ".join(out)
@@ -784,12 +1363,38 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _geometry_spec(text: str) -> str:
+    if text in ("random", "default"):
+        return text
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"not random, default or BUFFER_SIZE/BUFFERS/LANES (like 16K/8/2): {text!r}"
+        )
+    _size(parts[0])
+    for part in parts[1:]:
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(f"not a count: {part!r} in {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/soak.py",
-        description="SIGKILL writers and the flusher at random under a live load for a "
-        "while, then check that no acknowledged record was lost, duplicated, reordered "
-        "or damaged.  Prints a one-line verdict; exits 0 if it is clean.",
+        description="Under a live load, SIGKILL writers and the flusher, inject "
+        "exceptions into appends, SIGSTOP writers and churn writer threads, at random, "
+        "for a while; then check that no acknowledged record was lost, duplicated, "
+        "reordered or damaged.  Prints a one-line verdict; exits 0 if it is clean.",
     )
     parser.add_argument(
         "--seconds", type=_positive(float), default=60.0, help="load time (default 60)"
@@ -804,16 +1409,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, help="random seed (default: a random one)")
     parser.add_argument(
+        "--event-interval",
         "--kill-interval",
+        dest="event_interval",
         type=_positive(float),
-        default=0.3,
-        help="mean seconds between kills (default 0.3)",
+        default=0.2,
+        help="mean seconds between events: kills, injected exceptions, stops (default 0.2)",
     )
     parser.add_argument(
-        "--buffer-size", type=_size, default=16 << 10, help="bytes per buffer (default 16K)"
+        "--exception-share",
+        type=_share,
+        default=0.3,
+        help="share of events that inject an exception (SIGUSR1 or SIGINT) into a "
+        "writer's append (default 0.3)",
     )
-    parser.add_argument("--buffers", type=_positive(int), default=8, help="buffers (default 8)")
-    parser.add_argument("--lanes", type=_positive(int), default=2, help="lanes (default 2)")
+    parser.add_argument(
+        "--stop-share",
+        type=_share,
+        default=0.15,
+        help="share of events that SIGSTOP a writer for 0.05 to 1 s (default 0.15); the "
+        "other events are SIGKILLs, a fifth of them of the flusher",
+    )
+    parser.add_argument(
+        "--churn-share",
+        type=_share,
+        default=0.5,
+        help="share of writer processes that keep starting short-lived appending "
+        "threads (default 0.5)",
+    )
+    parser.add_argument(
+        "--geometry",
+        type=_geometry_spec,
+        default="random",
+        help="random (default: create()'s defaults most of the time, else a small or "
+        "large one, picked by the seed), default, or BUFFER_SIZE/BUFFERS/LANES",
+    )
+    parser.add_argument(
+        "--buffer-size",
+        type=_size,
+        help="force the bytes per buffer (the rest: create()'s defaults)",
+    )
+    parser.add_argument(
+        "--buffers", type=_positive(int), help="force the buffers (the rest: defaults)"
+    )
+    parser.add_argument("--lanes", type=_positive(int), help="force the lanes (the rest: defaults)")
     parser.add_argument(
         "--batches",
         action=argparse.BooleanOptionalAction,
@@ -825,11 +1464,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _geometry(args: argparse.Namespace) -> tuple[Geometry, str]:
+    """The run's geometry and where it came from."""
+    if args.buffer_size is not None or args.buffers is not None or args.lanes is not None:
+        return Geometry(args.buffer_size, args.buffers, args.lanes), "forced"
+    if args.geometry == "default":
+        return Geometry(), "create() defaults"
+    if args.geometry == "random":
+        picked = pick_geometry(args.seed)
+        return picked, "create() defaults" if picked.is_default else "picked at random"
+    size, buffers, lanes = args.geometry.split("/")
+    return Geometry(_size(size), int(buffers), int(lanes)), "forced"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak; returns 0 if the verdict is clean, 1 if not, 2 on bad usage."""
     args = _parser().parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().getrandbits(32)
+    if args.exception_share + args.stop_share > 1.0:
+        print("--exception-share plus --stop-share must be at most 1", file=sys.stderr)
+        return 2
+    geometry, origin = _geometry(args)
+    try:
+        max_writers = inspect.signature(shmflush.create).parameters["max_writers"].default
+        L.check_geometry(*geometry.resolved(), int(max_writers))
+    except ValueError as exc:
+        print(f"bad geometry {geometry.label()}: {exc}", file=sys.stderr)
+        return 2
     made_dir = args.dir is None
     directory = tempfile.mkdtemp(prefix="shmflush-soak-", dir=os.getcwd()) if made_dir else args.dir
     path = os.path.join(directory, _LOG_FILE)
@@ -841,12 +1503,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{existing} exists; remove it or pick another --dir", file=sys.stderr)
                 return 2
     print(
-        f"soak: {args.seconds:g} s, {args.writers} writers, a kill every "
-        f"{args.kill_interval:g} s on average, seed {args.seed}, file {path}",
+        f"soak: {args.seconds:g} s, {args.writers} writer processes ({args.churn_share:.0%} "
+        f"churning threads), an event every {args.event_interval:g} s on average "
+        f"({args.exception_share:.0%} exceptions, {args.stop_share:.0%} stops, the rest "
+        f"kills), geometry {geometry.label()} ({origin}), seed {args.seed}, file {path}",
         file=sys.stderr,
         flush=True,
     )
-    soak = _Soak(args, path, stop_path)
+    soak = _Soak(args, path, stop_path, geometry)
     try:
         status = _run(soak, args)
     except KeyboardInterrupt:
@@ -871,7 +1535,7 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
     seconds = time.monotonic() - soak.began
     stats = soak.finish()
     print("soak: reading the file back", file=sys.stderr, flush=True)
-    check = check_file(soak.path, soak.acked, soak.history.__contains__)
+    check = soak.check()
     if check.read_error:
         soak.errors.append(f"strict read: {check.read_error}")
     kills = soak.writer_kills + len(soak.flusher_kills)
@@ -883,19 +1547,23 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
         f"recovered={stats.recovered if stats else '?'} "
         f"restarts={stats.flusher_restarts if stats else '?'} seconds={seconds:.1f} "
         f"unacked_in_file={check.unacked_in_file} errors={len(soak.errors)} "
-        f"seed={args.seed}",
+        f"seed={args.seed} geometry={soak.geometry.label()} injected={soak.injected} "
+        f"(in_ops={soak.in_ops} in_library={soak.in_library} escaped={soak.escaped}) "
+        f"stops={soak.stops} "
+        f"threads={soak.threads}",
         flush=True,
     )
     print(
         f"soak: the ring had no live flusher {soak.down_periods} times, for up to "
-        f"{soak.down_max:.1f} s",
+        f"{soak.down_max:.1f} s; {check.tiny} tiny records in the file, "
+        f"{check.tiny_acked} acknowledged",
         file=sys.stderr,
     )
     soak.explain(check)
     if check.read_error:
         # The strict read stops at the first damage; look past it, to tell the
         # records really lost from those only hidden behind the damage.
-        lenient = check_file(soak.path, soak.acked, soak.history.__contains__, strict=False)
+        lenient = soak.check(strict=False)
         print(
             f"soak: read past the damage (strict=False): in_file={lenient.in_file} "
             f"lost={lenient.lost} duplicated={lenient.duplicated} "
