@@ -19,6 +19,7 @@ from shmflush import _reader
 from shmflush._errors import CorruptFileError
 from shmflush._format import (
     BLOCK,
+    FORMAT_VERSION,
     KIND_ABANDONED,
     KIND_DATA,
     pack_record_header,
@@ -284,7 +285,7 @@ def test_payload_bit_flip_is_reported_and_skipped(tmp_path: Path, limits: str) -
 
 
 def craft_header(*, used: int, address: int, payload_crc: int, seq: int = 0) -> bytes:
-    head = b"SHMFLSEG" + struct.pack("<HHIQQI", 1, 64, used, seq, address, payload_crc)
+    head = b"SHMFLSEG" + struct.pack("<HHIQQI", FORMAT_VERSION, 64, used, seq, address, payload_crc)
     head += bytes(24)
     return head + struct.pack("<I", zlib.crc32(head))
 
