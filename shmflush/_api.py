@@ -1310,6 +1310,7 @@ def create(
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
     core: _Core | None = None
     ring: Ring | None = None
+    created = False
     try:
         _check_regular(os.fstat(fd).st_mode, path)
         os.set_blocking(fd, True)
@@ -1323,6 +1324,7 @@ def create(
             raise ShmflushError(f"{path} is in use by another shmflush ring") from None
         address, next_seq = _append_point(fd, path)
         mm = L.create_segment(name, geometry.total_size, mode, exist_ok=False)
+        created = True
         view = memoryview(mm)
         try:
             L.init_header(
@@ -1339,7 +1341,11 @@ def create(
             )
         finally:
             view.release()
-        core = _Core(name, mm, geometry)
+        try:
+            core = _Core(name, mm, geometry)
+        except BaseException:
+            mm.close()
+            raise
         core.create_semaphores(mode)
         ring = Ring(core, owner=True)
         ring._flusher = _start_flusher(name, fd)
@@ -1355,7 +1361,9 @@ def create(
             ring._flusher.wait()
         if core is not None:
             core.unmap()
-        L.unlink_segment(name) if core is not None else None
+        if created:
+            # Ours, made a moment ago: no other ring can have taken the name yet.
+            L.unlink_segment(name)
         raise
     finally:
         os.close(fd)
