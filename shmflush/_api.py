@@ -45,6 +45,7 @@ _FILL_TAG: Final = 0xFFFFFFFF
 _INDEX_MASK: Final = L.LANE_INDEX_MASK
 _FILL_SHIFT: Final = L.LANE_FILL_SHIFT
 _HDR: Final = _format.RECORD_HEADER_SIZE
+_INTENT_FROM_PID: Final = (L.L_INTENT - L.L_PID) // 8  # words from a lease's pid to its intent
 _KIND_DATA: Final = _format.KIND_DATA
 _MARK: Final = _format.RECORD_MARK
 _KIND_ABANDONED: Final = _format.KIND_ABANDONED
@@ -104,6 +105,7 @@ class _ThreadSlot:
         "at_w",
         "commit_w",
         "core",
+        "holder",
         "intent_w",
         "lane",
         "lane_w",
@@ -117,6 +119,8 @@ class _ThreadSlot:
         self.core: _Core | None = core
         self.slot = slot
         self.pid = os.getpid()
+        # The slot's holder word, as acquire_lease stored it (this thread's).
+        self.holder = L.holder_word(self.pid, threading.get_native_id())
         self.lane = slot % core.geometry.lanes
         self.lane_w = core.lane_w[self.lane]
         g = core.geometry
@@ -133,6 +137,11 @@ class _ThreadSlot:
         core = self.core
         if core is None or core.mm is None or self.pid != os.getpid():
             return
+        if core.words[self.intent_w - _INTENT_FROM_PID] != self.holder:
+            # Not ours any more (recovery freed it after this thread ended, and
+            # somebody else may hold it now): touch nothing.
+            self.core = None
+            return
         if not core.words[self.intent_w]:
             self.pending = None
             return
@@ -143,8 +152,8 @@ class _ThreadSlot:
                 self.pending = None
                 return
         self.pending = None
+        core.orphan_lease(self.slot)  # idempotent; first, so nothing leaks
         self.core = None  # the slot is recovery's now: never release it
-        core.orphan_lease(self.slot)
 
     def release(self) -> None:
         view, self.reservation = self.reservation, None
@@ -153,13 +162,22 @@ class _ThreadSlot:
             # write there any more (the claim is settled as abandoned).
             view.release()
         self.settle()
-        core, self.core = self.core, None
+        core = self.core
         if core is not None and core.mm is not None and self.pid == os.getpid():
-            core.release_lease(self.slot)
+            # A compare-and-swap from this slot's own holder word: repeating it
+            # (a release interrupted and run again) never frees a slot that
+            # another thread has taken since.
+            core.release_lease(self.slot, self.holder)
+        self.core = None
 
     def __del__(self) -> None:
-        with suppress(Exception):
+        # Never raises: CPython would only print the exception, from whatever
+        # code the collector interrupted.  A KeyboardInterrupt that lands here
+        # is lost the same way; the slot's claim is then recovery's to settle.
+        try:  # noqa: SIM105  (not suppress(): no __exit__ call for an exception to hit)
             self.release()
+        except BaseException:
+            pass
 
 
 _live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
@@ -201,12 +219,15 @@ class Ring:
         self._watchdog: threading.Thread | None = None
         self._spawned: list[subprocess.Popen[bytes]] = []
         self._closing = False
-        self._close_lock = threading.Lock()
+        # close() takes no lock (an exception can leave no lock held): the first
+        # closer claims this dict's key with setdefault, which is atomic.
+        self._closer: dict[str, int] = {}
+        self._closing_core: _Core | None = None  # kept until close() finished
         self._tls = threading.local()
-        # Weak: a thread's slot lives as long as the thread's locals do, so a
-        # thread that ends gives its slot back (thread churn, issue 7.5).
-        self._slots: weakref.WeakSet[_ThreadSlot] = weakref.WeakSet()
-        self._slots_lock = threading.Lock()
+        # Weak references, by slot index: a thread's slot lives as long as the
+        # thread's locals do, so a thread that ends gives its slot back (thread
+        # churn).  Single dict operations are atomic, so no lock is needed.
+        self._slots: dict[int, weakref.ref[_ThreadSlot]] = {}
         self._records = 0
         self._bytes = 0
         self._abandoned = 0
@@ -242,9 +263,8 @@ class Ring:
 
     def _forked(self) -> None:
         self._tls = threading.local()
-        self._slots = weakref.WeakSet()
-        self._slots_lock = threading.Lock()
-        self._close_lock = threading.Lock()
+        self._slots = {}
+        self._closer = {}
         self._flusher = None
         self._watchdog = None
         self._spawned = []
@@ -281,7 +301,16 @@ class Ring:
     def _slot(self) -> _ThreadSlot:
         """This thread's writer slot, after settling whatever an exception left
         in flight in it (an interrupted claim is settled by the next call)."""
-        if getattr(self._tls, "reservation", None) is not None:
+        reservation: _Reservation | None = getattr(self._tls, "reservation", None)
+        if reservation is not None and reservation.is_stale():
+            # Its with statement ended without __exit__: settle it as abandoned.
+            held = reservation._slot
+            if held is not None:
+                reservation._abandon(held)
+            else:
+                self._tls.reservation = None
+            reservation = None
+        if reservation is not None:
             raise ShmflushError(
                 f"ring {self.name!r}: this thread has a reserve() block open on this ring; "
                 "finish it before appending again"
@@ -296,10 +325,19 @@ class Ring:
                 return slot
             del self._tls.slot  # orphaned: its claim is recovery's to settle
         core = self._live_core()
-        slot = _ThreadSlot(core, core.acquire_lease())
-        self._tls.slot = slot
-        with self._slots_lock:
-            self._slots.add(slot)
+        # An exception between the compare-and-swap that takes the slot and the
+        # moment this thread holds its _ThreadSlot would leak the slot to a live
+        # thread forever (found by tests/test_interrupts.py): give it back.
+        try:
+            slot = _ThreadSlot(core, core.acquire_lease())
+            self._tls.slot = slot
+        except BaseException:
+            held = getattr(self._tls, "slot", None)
+            if held is None or held.core is not core or held.slot != core._taking:
+                core.release_untaken_lease()
+            raise
+        core._taking = -1
+        self._slots[slot.slot] = weakref.ref(slot)
         return slot
 
     def _interrupted(self, slot: _ThreadSlot) -> None:
@@ -337,43 +375,64 @@ class Ring:
         In any other process, this releases the handle's writer slots and unmaps.
         """
         _deadline(timeout)  # check the argument before touching anything
-        with self._close_lock:
-            core = self._core
-            if core is None:
+        me = threading.get_ident()
+        if self._closer.setdefault("thread", me) != me:
+            self._await_other_closer(timeout)
+            return
+        try:
+            self._close(timeout)
+        finally:
+            self._closer.pop("thread", None)
+
+    def _await_other_closer(self, timeout: float | None) -> None:
+        """Another thread is closing this handle: return once it is done (or
+        after *timeout*, or 60 s, if it is stuck)."""
+        limit = time.monotonic() + (60.0 if timeout is None else timeout)
+        while self._closer and (self._core is not None or self._closing_core is not None):
+            if time.monotonic() > limit:
                 return
-            deadline = _deadline(timeout)
-            # Divert later calls: the fast path reads a non-zero status from the
-            # stand-in words and takes the general path, which finds no core.
-            self._words = _CLOSED_WORDS
-            self._view = _CLOSED_VIEW
-            self._core = None
-            core.handle_closed = True
-            error: ShmflushError | None = None
-            unmap = False
-            try:
-                unmap = self._wait_for_callers(deadline)
-                with self._slots_lock:
-                    slots = list(self._slots)
-                    self._slots = weakref.WeakSet()
-                for slot in slots:
-                    slot.release()
-                if self._is_owner():
-                    error = self._shutdown(core, timeout)
-            finally:
-                # A flusher this process restarted runs on after we close; keep its
-                # Popen where the garbage collector cannot drop it while it runs.
-                _detached.extend(p for p in self._spawned if p.poll() is None)
-                self._tls = threading.local()
-                _forget_attached(self)
-                if unmap:
-                    # BufferError: a numpy view is still referenced somewhere; the
-                    # mapping goes away when that last reference does.
-                    with contextlib.suppress(BufferError):
-                        core.unmap()
-                else:
-                    core.close_semaphores()
-            if error is not None:
-                raise error
+            time.sleep(0.001)
+
+    def _close(self, timeout: float | None) -> None:
+        # Every step is idempotent: a close() that an exception interrupted is
+        # finished by the next one.
+        core = self._core if self._core is not None else self._closing_core
+        if core is None:
+            return
+        self._closing_core = core
+        deadline = _deadline(timeout)
+        # Divert later calls: the fast path reads a non-zero status from the
+        # stand-in words and takes the general path, which finds no core.
+        self._words = _CLOSED_WORDS
+        self._core = None
+        core.handle_closed = True
+        error: ShmflushError | None = None
+        unmap = self._wait_for_callers(deadline)
+        # Only now: a call still inside used the real view to the end.
+        self._view = _CLOSED_VIEW
+        for ref in list(self._slots.values()):
+            slot = ref()
+            if slot is not None:
+                slot.release()
+        self._slots = {}
+        if self._is_owner():
+            error = self._shutdown(core, timeout)
+        # A flusher this process restarted runs on after we close; keep its
+        # Popen where the garbage collector cannot drop it while it runs.
+        _detached.extend(p for p in self._spawned if p.poll() is None)
+        self._spawned = []
+        self._tls = threading.local()
+        _forget_attached(self)
+        if unmap:
+            # BufferError: a numpy view is still referenced somewhere; the
+            # mapping goes away when that last reference does.
+            with contextlib.suppress(BufferError):
+                core.unmap()
+        else:
+            core.close_semaphores()
+        self._closing_core = None
+        if error is not None:
+            raise error
 
     def _wait_for_callers(self, deadline: float | None) -> bool:
         """Wait until no other thread is inside a method of this handle.
@@ -953,13 +1012,24 @@ class _Reservation:
     """The context manager :meth:`Ring.reserve` returns (a class, not a
     generator: it costs less than an append's own overhead)."""
 
-    __slots__ = ("_at", "_committed", "_i", "_n", "_ring", "_size", "_slot", "_timeout")
+    __slots__ = (
+        "_at",
+        "_committed",
+        "_frame",
+        "_i",
+        "_n",
+        "_ring",
+        "_size",
+        "_slot",
+        "_timeout",
+    )
 
     def __init__(self, ring: Ring, n: int, timeout: float | None) -> None:
         self._ring = ring
         self._n = n
         self._timeout = timeout
         self._slot: _ThreadSlot | None = None
+        self._frame: Any = None
         self._at = self._i = self._committed = 0
         self._size = _HDR + ((n + 7) & -8)
 
@@ -972,14 +1042,38 @@ class _Reservation:
             slot = ring._tls.slot
             view = ring._view[at + _HDR : at + _HDR + self._n]
             slot.reservation = view
-            ring._tls.reservation = self
             self._slot, self._at, self._i, self._committed = slot, at, i, committed
+            # The frame of the with statement: while it runs, the block is open.
+            self._frame = sys._getframe(1)
+            ring._tls.reservation = self
+            if _faults.ENABLED:
+                _faults.reached("reserve.open")
+            return view  # noqa: TRY300  (inside the try: an exception here is settled too)
         except BaseException:
-            ring._interrupted(getattr(ring._tls, "slot", slot))
+            # No __exit__ will come: settle the claim (abandoned) here.
+            self._abandon(getattr(ring._tls, "slot", slot))
             raise
-        if _faults.ENABLED:
-            _faults.reached("reserve.open")
-        return view
+
+    def _abandon(self, slot: _ThreadSlot) -> None:
+        ring = self._ring
+        if getattr(ring._tls, "reservation", None) is self:
+            ring._tls.reservation = None
+        self._slot = None
+        view, slot.reservation = slot.reservation, None
+        if view is not None:
+            view.release()
+        ring._interrupted(slot)
+
+    def is_stale(self) -> bool:
+        """Has the with statement that opened this block ended without calling
+        __exit__ (an exception between its last bytecodes)?"""
+        frame = self._frame
+        f: Any = sys._getframe(1)
+        while f is not None:
+            if f is frame:
+                return False
+            f = f.f_back
+        return True
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         ring = self._ring
@@ -1024,40 +1118,44 @@ _CLOSED_WORDS[L.H_STATUS // 8] = L.STATUS_CLOSING
 _CLOSED_VIEW = memoryview(bytearray(0))
 # Code objects of the handle's methods: close() waits until no other thread runs
 # one of them on this handle (see Ring._wait_for_callers).
-# (Not close() itself: a second closer waits on the lock, touching nothing.)
+# (Not close() and its wait: a second closer waits for the first, touching nothing.)
 _RING_CODES = frozenset(
     getattr(f, "__wrapped__", f).__code__
     for cls in (Ring, _Reservation)
     for f in vars(cls).values()
-    if callable(f) and hasattr(getattr(f, "__wrapped__", f), "__code__") and f is not Ring.close
+    if callable(f)
+    and hasattr(getattr(f, "__wrapped__", f), "__code__")
+    and f not in (Ring.close, Ring._await_other_closer)
 )
 # Handles unpickled in this process, by ring name: a ring passed to many pool
 # tasks attaches once per worker process, not once per task.
 _unpickled: dict[str, Ring] = {}
-_unpickled_lock = threading.Lock()
 
 
 def _unpickle(name: str) -> Ring:
-    """Rebuild a pickled ring: reuse this process's open handle on it, if any."""
-    with _unpickled_lock:
-        ring = _unpickled.get(name)
-        core = ring._core if ring is not None else None
-        if (
-            ring is not None
-            and core is not None
-            and ring._pid == os.getpid()
-            and not core.status() & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE)
-        ):
-            return ring
-        ring = attach(name)
-        _unpickled[name] = ring
+    """Rebuild a pickled ring: reuse this process's open handle on it, if any.
+
+    No lock: single dict operations are atomic, and two threads unpickling at
+    once at worst both attach (the spare is collected like any handle)."""
+    ring = _unpickled.get(name)
+    core = ring._core if ring is not None else None
+    if (
+        ring is not None
+        and core is not None
+        and ring._pid == os.getpid()
+        and not core.status() & (L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE)
+    ):
         return ring
+    fresh = attach(name)
+    _unpickled[name] = fresh
+    return fresh
 
 
 def _forget_attached(ring: Ring) -> None:
-    with _unpickled_lock:
-        if _unpickled.get(ring.name) is ring:
-            del _unpickled[ring.name]
+    if _unpickled.get(ring.name) is ring:
+        _unpickled.pop(ring.name, None)
+
+
 @dataclass(frozen=True, slots=True)
 class _Unwritten:
     """What is still in shared memory after the flusher stopped (see _drain_error)."""
@@ -1551,9 +1649,11 @@ def _settle_at_exit() -> None:
     for ring in list(_live_rings):
         if ring._pid != os.getpid() or ring._core is None:
             continue
-        for slot in list(ring._slots):
-            with suppress(Exception):
-                slot.settle()
+        for ref in list(ring._slots.values()):
+            slot = ref()
+            if slot is not None:
+                with suppress(Exception):
+                    slot.settle()
 
 
 @atexit.register

@@ -488,7 +488,9 @@ class Flusher:
                 self.next_recovery = now + min(0.05, self.recovery.timeout / 4)
                 self.recovery.run(now)
             if now >= self.next_sweep:
-                self.next_sweep = now + 1.0
+                self.next_sweep = (
+                    now + 0.25
+                )  # frees dead and orphaned slots (acquire_lease waits for it)
                 self.recovery.sweep()
             self.gaps.check(now, closing)
             # A closed fill waits for writers still copying (microseconds): look
@@ -528,7 +530,7 @@ def _wait_for_leases(ring: Ring, timeout: float) -> None:
         live = False
         for k in range(g.max_writers):
             at = g.lease(k)
-            pid = ring.words[(at + L.L_PID) // 8]
+            pid = L.holder_pid(ring.words[(at + L.L_PID) // 8])
             if pid and _proc.is_alive(pid, ring.words[(at + L.L_START) // 8]):
                 live = True
                 break

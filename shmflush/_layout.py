@@ -92,7 +92,10 @@ detect a stale read (see _ring).
 
 Lease slot (64 bytes)::
 
-    +0  pid (0 = free; taken with a compare-and-swap)   +8  process start time
+    +0  holder: pid (bits 31..0) and thread id (bits 63..32) of the thread that
+        holds the slot; 0 = free.  Taken with a compare-and-swap of the whole
+        word, so that a thread interrupted around that compare-and-swap can
+        tell whether it took the slot.          +8  process start time
     +16 thread ident   +24 lane
     +32 intent: what the holder is in the middle of; 0 = nothing.  Low half bits
         31..30 say what: 00 a claim (low bits = claim size, stored before the
@@ -222,6 +225,18 @@ def lane_word(fill: int, index: int) -> int:
 
 # Lease fields.
 L_PID: Final = 0
+
+
+def holder_word(pid: int, tid: int) -> int:
+    """The L_PID word of a slot held by thread *tid* of process *pid*."""
+    return ((tid & 0xFFFFFFFF) << 32) | pid
+
+
+def holder_pid(word: int) -> int:
+    """The pid in an L_PID word."""
+    return word & 0xFFFFFFFF
+
+
 L_START: Final = 8
 L_TID: Final = 16
 L_LANE: Final = 24

@@ -37,9 +37,8 @@ import sys
 from dataclasses import dataclass, field
 
 from . import _layout as L
-from . import _proc
 from ._atomic import SEQ_CST, compare_exchange, fetch_or
-from ._ring import Ring
+from ._ring import Ring, holder_alive
 
 
 @dataclass
@@ -94,7 +93,7 @@ class Recovery:
         at = self.ring.geometry.lease(k)
         if words[(at + L.L_FLAGS) // 8] & L.FLAG_ORPHANED:
             return True
-        return not _proc.is_alive(pid, words[(at + L.L_START) // 8])
+        return not holder_alive(pid, words[(at + L.L_START) // 8])
 
     def scan_leases(self) -> _Leases:
         ring = self.ring

@@ -59,6 +59,7 @@ Sealed buffers may accumulate anything there: opening resets the offset.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno as _errno
 import mmap
@@ -198,6 +199,7 @@ class Ring:
         self.status_w = L.H_STATUS // 8
         self.waits = 0  # times this handle blocked for space (Stats.waits)
         self._lease_hint = 0
+        self._taking = -1  # the slot acquire_lease is taking (release_untaken_lease)
         # Set when the API handle that owns this mapping is closed: every wait
         # and every general-path claim then raises RingClosedError.
         self.handle_closed = False
@@ -241,10 +243,13 @@ class Ring:
             ) from None
 
     def close_semaphores(self) -> None:
-        for sem in (self.flush_sem, self.space_sem):
-            if sem is not None:
-                sem.close()
+        # Forget them first: repeated after an exception, this closes nothing twice.
+        sems = (self.flush_sem, self.space_sem)
         self.flush_sem = self.space_sem = None
+        for sem in sems:
+            if sem is not None:
+                with contextlib.suppress(posix_ipc.ExistentialError):
+                    sem.close()
 
     def unmap(self) -> None:
         """Release the views, then the mapping, each exactly once."""
@@ -726,14 +731,37 @@ class Ring:
         relies on.
         """
         g = self.geometry
-        words = self.words
         pid = os.getpid()
         started = _own_start_time()
         tid = threading.get_native_id()
+        me = L.holder_word(pid, tid)
         n = g.max_writers
         # Start where the last acquisition in this process ended: with thread
         # churn the low slots are the busy ones.
         first = self._lease_hint % n
+        # Slots of dead or orphaned holders that still have a claim in flight
+        # come free once the flusher has settled it (within a sweep, a quarter
+        # of a second): wait that long before calling the slots exhausted.
+        give_up = time.monotonic() + 2.0
+        while True:
+            k = self._take_lease(first, me, started, tid)
+            if k >= 0:
+                return k
+            if time.monotonic() > give_up:
+                break
+            self.wake_flusher()
+            time.sleep(0.01)
+        raise ShmflushError(
+            f"ring {self.name!r}: all {g.max_writers} writer slots are taken by live "
+            "threads; create the ring with a larger max_writers"
+        )
+
+    def _take_lease(self, first: int, me: int, started: int, tid: int) -> int:
+        """One pass of acquire_lease over the slots; returns one taken or -1."""
+        g = self.geometry
+        words = self.words
+        n = g.max_writers
+        self._taking = -1
         for reclaim in (False, True):
             for step in range(n):
                 k = (first + step) % n
@@ -746,11 +774,12 @@ class Ring:
                     or words[(at + L.L_INTENT) // 8]
                     or (
                         not words[(at + L.L_FLAGS) // 8] & L.FLAG_ORPHANED
-                        and _proc.is_alive(holder, words[(at + L.L_START) // 8])
+                        and holder_alive(holder, words[(at + L.L_START) // 8])
                     )
                 ):
                     continue
-                ok, _ = _cas(self.base + at + L.L_PID, holder, pid)
+                self._taking = k
+                ok, _ = _cas(self.base + at + L.L_PID, holder, me)
                 if ok:
                     words[(at + L.L_START) // 8] = started
                     words[(at + L.L_TID) // 8] = tid
@@ -758,17 +787,27 @@ class Ring:
                     words[(at + L.L_AT) // 8] = 0
                     words[(at + L.L_FLAGS) // 8] = 0
                     self._lease_hint = k + 1
-                    return k
-        raise ShmflushError(
-            f"ring {self.name!r}: all {g.max_writers} writer slots are taken by live "
-            "threads; create the ring with a larger max_writers"
-        )
+                    return k  # _taking stays k until the caller holds the slot
+        return -1
 
-    def release_lease(self, k: int) -> None:
-        """Give slot *k* back.  Its holder must have no claim in flight."""
+    def release_untaken_lease(self) -> None:
+        """After an exception inside acquire_lease: give back the slot whose
+        compare-and-swap it was at, if that took it (the holder word names this
+        very thread, so no other thread's slot can be mistaken for it)."""
+        k, self._taking = self._taking, -1
+        if k < 0:
+            return
         at = self.geometry.lease(k)
-        self.words[(at + L.L_TID) // 8] = 0
-        _atomic.store(self.base + at + L.L_PID, 0, SEQ_CST)
+        words = self.words
+        me = L.holder_word(os.getpid(), threading.get_native_id())
+        if not words[(at + L.L_INTENT) // 8]:
+            self.release_lease(k, me)
+
+    def release_lease(self, k: int, holder: int) -> None:
+        """Give slot *k* back if *holder* (its holder word) still holds it.  The
+        holder must have no claim in flight."""
+        at = self.geometry.lease(k)
+        _cas(self.base + at + L.L_PID, holder, 0)
 
     def orphan_lease(self, k: int) -> None:
         """Give slot *k* up with whatever claim it has in flight: recovery settles
@@ -778,6 +817,17 @@ class Ring:
         at = self.geometry.lease(k)
         self.words[(at + L.L_FLAGS) // 8] = L.FLAG_ORPHANED
         self.wake_flusher()
+
+
+def holder_alive(holder: int, started: int) -> bool:
+    """Is the thread named by L_PID word *holder* still running?  A slot can
+    outlive its thread (a traceback kept alive holds its _ThreadSlot), and a
+    slot of a thread that ended is as free as one of a dead process."""
+    pid = L.holder_pid(holder)
+    if not _proc.is_alive(pid, started):
+        return False
+    tid = holder >> 32
+    return not tid or os.path.exists(f"/proc/{pid}/task/{tid}")
 
 
 _start_time_cache: list[int] = [0, 0]  # [pid, start time]

@@ -1293,7 +1293,7 @@ def _describe(core: Ring, pids: Mapping[int, int]) -> list[str]:
         )
     for k in range(g.max_writers):
         at = g.lease(k)
-        pid = words[(at + L.L_PID) // 8]
+        pid = L.holder_pid(words[(at + L.L_PID) // 8])
         intent = words[(at + L.L_INTENT) // 8]
         if pid or intent:
             alive = _proc.is_alive(pid, words[(at + L.L_START) // 8])

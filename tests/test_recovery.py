@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_recovery_never_commits_the_claim_of_a_live_writer_with_a_stale_lane_wor
     reader = shmflush.read(bare.path)
     assert list(reader) == [b"first"]
     assert reader.abandoned == 2
-    core.release_lease(live)
+    core.release_lease(live, L.holder_word(os.getpid(), threading.get_native_id()))
 
 
 @pytest.mark.parametrize("known", [True, False], ids=["offset-known", "offset-unknown"])
