@@ -36,6 +36,7 @@ from ._errors import (
 from ._reader import find_append_point
 from ._ring import Ring as _Core
 from ._ring import attach_ring
+from ._ring import restore_signal_mask as _restore_signal_mask
 
 __all__ = ["DirectIOWarning", "Ring", "Stats", "attach", "create"]
 
@@ -344,6 +345,7 @@ class Ring:
         """Run by every writer path's exception handler: settle the claim the
         exception interrupted, or hand it to recovery."""
         with suppress(Exception):
+            _restore_signal_mask()
             slot.settle()
         if slot.core is None and getattr(self._tls, "slot", None) is slot:
             del self._tls.slot

@@ -106,6 +106,20 @@ _HELD_SIGNALS: Final = frozenset(signal.valid_signals()) - {
 _SIGNAL_SLICE: Final = 0.1
 
 
+# The main thread's signal mask from before acquire() blocked signals, while
+# blocked (see acquire).
+_mask_to_restore: list[set[int | signal.Signals] | None] = [None]
+
+
+def restore_signal_mask() -> None:
+    """Unblock what an acquire() of the main thread blocked, if an exception cut
+    it short before it could (idempotent; a no-op in other threads)."""
+    mask = _mask_to_restore[0]
+    if mask is not None and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _mask_to_restore[0] = None
+
+
 def acquire(sem: posix_ipc.Semaphore, timeout: float) -> bool:
     """Take *sem*, waiting at most *timeout* seconds (sem_timedwait(3)); returns
     False if the time ran out.  Every semaphore wait in the package uses this.
@@ -128,11 +142,16 @@ def acquire(sem: posix_ipc.Semaphore, timeout: float) -> bool:
     while True:
         try:
             if main:
-                held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+                restore_signal_mask()
+                # The mask to go back to is on record before anything is
+                # blocked: an exception anywhere below leaves it there, and the
+                # next wait (or the writer path's exception handler) restores it.
+                _mask_to_restore[0] = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+                signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
                 try:
                     sem.acquire(min(timeout, _SIGNAL_SLICE))
                 finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                    restore_signal_mask()
             else:
                 sem.acquire(timeout)
         except posix_ipc.BusyError:

@@ -169,7 +169,10 @@ def _no_leaks() -> Iterator[None]:
     """Fail a test that leaves a shmflush object in /dev/shm or a child running."""
     shm_before = _shm_entries()
     children_before = _live_children()
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     yield
+    # A signal mask left blocked would be inherited by every later child process.
+    mask_after = signal.pthread_sigmask(signal.SIG_SETMASK, mask_before)
     owners = {os.getpid()} | children_before | _live_children()
     # Children first: a live flusher may still hold (and later unlink) its ring.
     children = _leaked_children(children_before)
@@ -182,6 +185,8 @@ def _no_leaks() -> Iterator[None]:
         )
     if shm:
         problems.append(f"left in {SHM_DIR} (removed): {', '.join(shm)}")
+    if mask_after != mask_before:
+        problems.append(f"signals left blocked (unblocked): {sorted(mask_after - mask_before)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
 
