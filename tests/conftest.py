@@ -1,7 +1,8 @@
 """Fixtures shared by every test.
 
-Each test must leave nothing behind: no shmflush object in ``/dev/shm`` and no
-child process still running.  The autouse fixture below checks both after every
+Each test must leave nothing behind: no shmflush object in ``/dev/shm``, no
+child process still running, and no signal left blocked (later children would
+inherit the mask).  The autouse fixture below checks all three after every
 test, cleans up what it finds (so one leak does not fail every later test), and
 fails the test that leaked, naming what it found.
 
