@@ -141,8 +141,9 @@ class Recovery:
 
         A writer can die with an intent that nothing is stuck on: after its
         commit but before clearing it, after a rejected claim, or while rotating
-        before it reserved anything.  Run every second or so; the stuck-fill path
-        handles the intents that still matter.
+        before it reserved anything.  Run every quarter of a second
+        (acquire_lease waits for it when every slot is taken); the stuck-fill
+        path handles the intents that still matter.
         """
         ring = self.ring
         g = ring.geometry
