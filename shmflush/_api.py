@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import errno as _errno
 import fcntl
+import itertools
 import math
 import os
 import re
@@ -21,10 +22,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import _atomic, _faults, _format, _proc
+from . import _atomic, _faults, _fence, _format, _proc
 from . import _layout as L
 from ._errors import (
-    CorruptRingError,
     ForeignFileError,
     RecordTooLargeError,
     RingBrokenError,
@@ -35,18 +35,12 @@ from ._errors import (
 )
 from ._reader import find_append_point
 from ._ring import Ring as _Core
-from ._ring import attach_ring
+from ._ring import Writer, attach_ring
 from ._ring import restore_signal_mask as _restore_signal_mask
 
 __all__ = ["DirectIOWarning", "Ring", "Stats", "attach", "create"]
 
-_fetch_add = _atomic.fetch_add
-_SEALED: Final = L.SEALED
-_FILL_TAG: Final = 0xFFFFFFFF
-_INDEX_MASK: Final = L.LANE_INDEX_MASK
-_FILL_SHIFT: Final = L.LANE_FILL_SHIFT
 _HDR: Final = _format.RECORD_HEADER_SIZE
-_INTENT_FROM_PID: Final = (L.L_INTENT - L.L_PID) // 8  # words from a lease's pid to its intent
 _KIND_DATA: Final = _format.KIND_DATA
 _MARK: Final = _format.RECORD_MARK
 _KIND_ABANDONED: Final = _format.KIND_ABANDONED
@@ -92,95 +86,6 @@ class Stats:
     flusher_restarts: int  #: times a flusher was restarted after dying
 
 
-class _ThreadSlot:
-    """A lease slot held by one thread of this process.
-
-    Released when the thread ends (its thread-local reference is the only
-    strong one, so the slot dies with the thread's locals) or when its handle
-    closes.  ``pending`` holds what the thread knew of the claim in flight when
-    an exception interrupted it (see ``Ring._interrupted``).
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "at_w",
-        "commit_w",
-        "core",
-        "holder",
-        "intent_w",
-        "lane",
-        "lane_w",
-        "pending",
-        "pid",
-        "reservation",
-        "slot",
-    )
-
-    def __init__(self, core: _Core, slot: int) -> None:
-        self.core: _Core | None = core
-        self.slot = slot
-        self.pid = os.getpid()
-        # The slot's holder word, as acquire_lease stored it (this thread's).
-        self.holder = L.holder_word(self.pid, threading.get_native_id())
-        self.lane = slot % core.geometry.lanes
-        self.lane_w = core.lane_w[self.lane]
-        g = core.geometry
-        self.intent_w = (g.lease(slot) + L.L_INTENT) // 8
-        self.at_w = (g.lease(slot) + L.L_AT) // 8
-        self.commit_w = g.commit(slot, 0) // 8  # + buffer index
-        # (buffer, fetch-and-add result or -1, commit counter before, size, fill)
-        self.pending: tuple[int, int, int, int, int] | None = None
-        self.reservation: memoryview | None = None  # an open reserve() block's view
-
-    def settle(self) -> None:
-        """Settle a claim an exception left in flight; orphan the slot (hand the
-        claim to recovery) where that cannot be done here."""
-        core = self.core
-        if core is None or core.mm is None or self.pid != os.getpid():
-            return
-        if core.words[self.intent_w - _INTENT_FROM_PID] != self.holder:
-            # Not ours any more (recovery freed it after this thread ended, and
-            # somebody else may hold it now): touch nothing.
-            self.core = None
-            return
-        if not core.words[self.intent_w]:
-            self.pending = None
-            return
-        pending = self.pending
-        if pending is not None:
-            i, old, committed, size, fill = pending
-            if core.settle_claim(self.slot, i, old, committed, size, fill):
-                self.pending = None
-                return
-        self.pending = None
-        core.orphan_lease(self.slot)  # idempotent; first, so nothing leaks
-        self.core = None  # the slot is recovery's now: never release it
-
-    def release(self) -> None:
-        view, self.reservation = self.reservation, None
-        if view is not None:
-            # The handle closes under an open reserve() block: its owner may not
-            # write there any more (the claim is settled as abandoned).
-            view.release()
-        self.settle()
-        core = self.core
-        if core is not None and core.mm is not None and self.pid == os.getpid():
-            # A compare-and-swap from this slot's own holder word: repeating it
-            # (a release interrupted and run again) never frees a slot that
-            # another thread has taken since.
-            core.release_lease(self.slot, self.holder)
-        self.core = None
-
-    def __del__(self) -> None:
-        # Never raises: CPython would only print the exception, from whatever
-        # code the collector interrupted.  A KeyboardInterrupt that lands here
-        # is lost the same way; the slot's claim is then recovery's to settle.
-        try:  # noqa: SIM105  (not suppress(): no __exit__ call for an exception to hit)
-            self.release()
-        except BaseException:
-            pass
-
-
 _live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
 
 
@@ -207,7 +112,9 @@ class Ring:
     * A record whose ``append`` returned is written to the file by the flusher,
       unless the ring reports itself broken; after the owner's ``close()`` (or a
       ``sync()``) returns, it is on disk to the ring's sync level.
-    * Records appended by one thread appear in the file in the order of the calls.
+    * Records appended by one thread through one handle appear in the file in
+      the order of the calls.  (Two handles on the same ring in one process
+      are two writers: each keeps its own order.)
     * Nothing is dropped while a call reports success: every failure raises.
     """
 
@@ -228,24 +135,17 @@ class Ring:
         # Weak references, by slot index: a thread's slot lives as long as the
         # thread's locals do, so a thread that ends gives its slot back (thread
         # churn).  Single dict operations are atomic, so no lock is needed.
-        self._slots: dict[int, weakref.ref[_ThreadSlot]] = {}
+        self._slots: dict[int, weakref.ref[Writer]] = {}
         self._records = 0
         self._bytes = 0
-        self._abandoned = 0
         self.name = core.name
         self._ring_id = core.header(L.H_RING_ID)
         # Hot-path constants and bound callables, cached once.
         self._words = core.words
         self._view = core.view
         self._status_w = core.status_w
-        self._state_addr = core.state_addr
-        self._fill_w = core.fill_w
-        self._records_at = core.records_at
         self._capacity = core.capacity
         self._max_record = core.max_record
-        # With fault injection on, every append takes the general path, which has
-        # the crash points; the fast path has none (see _faults).
-        self._faa_limit = -1 if _faults.ENABLED else core.faa_limit
         self._pack = _format.RECORD_HEADER.pack_into
         # A weak reference: the mapping must not be kept alive by a cycle
         # (core -> callback -> handle -> core), or an unreferenced handle would
@@ -269,9 +169,9 @@ class Ring:
         self._flusher = None
         self._watchdog = None
         self._spawned = []
-        self._records = self._bytes = self._abandoned = 0
+        self._records = self._bytes = 0
         if self._core is not None:
-            self._core.waits = 0
+            self._core.waits = self._core.abandoned = 0
 
     def __enter__(self) -> Ring:
         return self
@@ -299,7 +199,7 @@ class Ring:
             raise RingClosedError(f"ring {self.name!r} is closed")
         return core
 
-    def _slot(self) -> _ThreadSlot:
+    def _slot(self) -> Writer:
         """This thread's writer slot, after settling whatever an exception left
         in flight in it (an interrupted claim is settled by the next call)."""
         reservation: _Reservation | None = getattr(self._tls, "reservation", None)
@@ -316,21 +216,19 @@ class Ring:
                 f"ring {self.name!r}: this thread has a reserve() block open on this ring; "
                 "finish it before appending again"
             )
-        slot: _ThreadSlot | None = getattr(self._tls, "slot", None)
+        slot: Writer | None = getattr(self._tls, "slot", None)
         if slot is not None:
-            if slot.pending is not None or (
-                slot.core is not None and slot.core.words[slot.intent_w]
-            ):
+            if slot.unsettled():
                 slot.settle()
             if slot.core is not None:
                 return slot
             del self._tls.slot  # orphaned: its claim is recovery's to settle
         core = self._live_core()
         # An exception between the compare-and-swap that takes the slot and the
-        # moment this thread holds its _ThreadSlot would leak the slot to a live
+        # moment this thread holds its Writer would leak the slot to a live
         # thread forever (found by tests/test_interrupts.py): give it back.
         try:
-            slot = _ThreadSlot(core, core.acquire_lease())
+            slot = Writer(core, core.acquire_lease())
             self._tls.slot = slot
         except BaseException:
             held = getattr(self._tls, "slot", None)
@@ -341,9 +239,11 @@ class Ring:
         self._slots[slot.slot] = weakref.ref(slot)
         return slot
 
-    def _interrupted(self, slot: _ThreadSlot) -> None:
-        """Run by every writer path's exception handler: settle the claim the
-        exception interrupted, or hand it to recovery."""
+    def _interrupted(self, slot: Writer) -> None:
+        """Run by every writer path's exception handler (after it zeroed
+        ``slot.limit``): settle the claim the exception interrupted, or hand
+        it to recovery."""
+        slot.limit = 0
         with suppress(Exception):
             _restore_signal_mask()
             slot.settle()
@@ -583,10 +483,11 @@ class Ring:
         Blocks while every buffer is full, at most *timeout* seconds (``None``:
         no limit) and raises :class:`RingTimeoutError` after that.
 
-        An exception that interrupts the call (``KeyboardInterrupt``, or one
-        raised by a signal handler) leaves the record either whole in the file
-        or not there at all, never torn or twice; the ring and this thread go
-        on working.
+        When the call returns, the record is in shared memory: it reaches the
+        file even if this process is killed right after.  An exception that
+        interrupts the call (``KeyboardInterrupt``, or one raised by a signal
+        handler) leaves the record either whole in the file or not there at
+        all, never torn or twice; the ring and this thread go on working.
 
         Raises :class:`TypeError` for non-bytes-like input,
         :class:`RecordTooLargeError` for a record larger than ``max_record``,
@@ -601,75 +502,35 @@ class Ring:
             _check_timeout(timeout)  # even where this call will not block
         size = _HDR + ((n + 7) & -8)
         try:
-            slot: _ThreadSlot = self._tls.slot
+            slot: Writer = self._tls.slot
         except AttributeError:
             slot = self._slot()
-        words = self._words
-        # The hot path: one fetch-and-add, then plain stores (see _ring).  The
-        # intent check sends a thread whose last call was interrupted to the
-        # general path, which settles that claim first.
-        if not words[self._status_w] and size <= self._faa_limit and not words[slot.intent_w]:
-            lane_word = words[slot.lane_w]
-            i = lane_word & _INDEX_MASK
-            try:
-                addr = self._state_addr[i]
-            except IndexError:
-                raise self._corrupt_lane(lane_word) from None
-            cw = slot.commit_w + i
-            committed = words[cw]
-            old = -1
-            words[slot.intent_w] = ((lane_word & 0xFFFFFFFF) << 32) | size  # claim_intent
-            try:
-                old = _fetch_add(addr, size << 32, 5)
-                off = old >> 32
-                if not old & _SEALED and off + size <= self._capacity:
-                    at = self._records_at[i] + off
-                    if words[self._fill_w[i]] == lane_word >> _FILL_SHIFT:
-                        words[slot.at_w] = at  # the claim is known: before any byte
-                        view = self._view
-                        view[at + _HDR : at + _HDR + n] = data
-                        self._pack(view, at, n, _KIND_DATA, _MARK)  # header last
-                        words[cw] = committed + size
-                        words[slot.at_w] = 0
-                        words[slot.intent_w] = 0
-                        self._records += 1
-                        self._bytes += n
-                        return
-                deadline = _deadline(timeout)
-                slot.pending = (i, old, committed, size, lane_word >> _FILL_SHIFT)
-                self._claim_failed(slot, i, old, size, lane_word, deadline)
-            except BaseException:
-                # Plain stores first: no signal handler can run before them.
-                slot.pending = (i, old, committed, size, lane_word >> _FILL_SHIFT)
-                self._interrupted(slot)
-                raise
-        else:
-            deadline = _deadline(timeout)
-            if n > self._max_record:
-                raise self._too_large(n)
+        # The hot path: plain stores into this thread's chunk (_ring.Writer.put).
         try:
-            at, i, committed = self._claim(slot, size, deadline)
-            slot = self._tls.slot  # _claim may have replaced an orphaned slot
-            if _faults.ENABLED:
-                _faults.reached("append.claimed")
-            self._view[at + _HDR : at + _HDR + n] = data
-            if _faults.ENABLED:
-                _faults.reached("append.copied")
-            self._pack(self._view, at, n, _KIND_DATA, _MARK)
-            if _faults.ENABLED:
-                _faults.reached("append.headed")
-            self._commit(slot, i, committed, size)
+            if not self._words[self._status_w] and slot.put(data, n, size):
+                self._records += 1
+                self._bytes += n
+                return
         except BaseException:
-            slot = getattr(self._tls, "slot", slot)
+            slot.limit = 0  # first: the next call must not run over this one
+            self._interrupted(slot)
+            raise
+        if n > self._max_record:
+            raise self._too_large(n)
+        deadline = _deadline(timeout)
+        slot = self._slot()
+        try:
+            while True:
+                slot.claim(size, size, deadline)
+                if slot.put(data, n, size):
+                    break
+            slot.fresh()
+        except BaseException:
+            slot.limit = 0
             self._interrupted(slot)
             raise
         self._records += 1
         self._bytes += n
-
-    def _corrupt_lane(self, lane_word: int) -> ShmflushError:
-        return CorruptRingError(
-            f"ring {self.name!r}: corrupt lane word {lane_word:#x} (buffer index out of range)"
-        )
 
     def _too_large(self, n: int) -> RecordTooLargeError:
         core = self._live_core()
@@ -679,110 +540,42 @@ class Ring:
             f"{core.geometry.buffer_size})"
         )
 
-    def _commit(self, slot: _ThreadSlot, i: int, committed: int, size: int) -> None:
-        """Publish a claim: its commit counter covers it (see _ring), then the
-        lease forgets it.  Idempotent: the counter is set, not added to."""
-        core = self._live_core()
-        words = core.words
-        words[slot.commit_w + i] = (committed + size) & L.WORD_MASK
-        if _faults.ENABLED:
-            _faults.reached("append.committed")
-        words[slot.at_w] = 0
-        words[slot.intent_w] = 0
-        slot.pending = None
+    def _open_range(
+        self, slot: Writer, need: int, want: int, fits: Any, deadline: float | None
+    ) -> tuple[int, int, bool]:
+        """Enter an append of consecutive records in this thread's chunk.
 
-    def _claim_failed(  # noqa: PLR0917  (the hot path passes what it already has)
-        self,
-        slot: _ThreadSlot,
-        i: int,
-        old: int,
-        size: int,
-        lane_word: int,
-        deadline: float | None,
-    ) -> None:
-        """Settle a claim that cannot be used, then wait until the lane moves on.
-
-        ``slot.pending`` describes the claim on entry, so that an exception
-        anywhere in here is settled by the caller's handler.
+        ``fits(room)`` says how many bytes of the pending records fit in *room*
+        bytes (at least *need*, the first record, where that fits).  Returns
+        (mapping offset, bytes, claimed): the range is AT_BUSY until
+        ``slot.commit_to``; *claimed*: a new chunk was claimed for it (of up to
+        *want* bytes and what is left of the fill), so call ``slot.fresh()``
+        after the commit.
         """
-        core = self._live_core()
-        words = core.words
-        off = old >> 32
-        if not old & _SEALED and off + size <= core.capacity:
-            # A valid claim, but in a fill that is not our lane's: we read the lane
-            # word, and the buffer was recycled into another lane's fill before our
-            # claim landed.  Writing there could reorder our records (I8): give the
-            # range up as an abandoned record, commit it, and move the lane on.
-            at = core.records_at[i] + off
-            words[slot.at_w] = at
-            core.abandon(at, size)
-            assert slot.pending is not None
-            self._commit(slot, i, slot.pending[2], size)
-            self._abandoned += 1
-            core.rotate(slot.lane, lane_word, slot.intent_w)
-            return
-        if not old & _SEALED and off <= core.capacity:
-            # We crossed capacity: we close the fill.  The lease says so while we
-            # do: were we to die half-way, recovery finishes the close; an
-            # exception here orphans the slot for the same reason.
-            words[slot.intent_w] = L.INTENT_SEALING | (i << 32)
-            slot.pending = None
-            core.close_crossing(i, off)
-            words[slot.intent_w] = 0
-        else:
-            words[slot.intent_w] = 0
-            slot.pending = None
-            core.reject(i, old)
-        core.advance(slot.lane, lane_word, deadline, slot.intent_w)
-
-    def _claim(self, slot: _ThreadSlot, size: int, deadline: float | None) -> tuple[int, int, int]:
-        """Claim *size* bytes (at most a buffer's capacity) in this thread's lane.
-
-        Returns (byte offset of the claimed range in the mapping, buffer index,
-        the slot's commit counter for that buffer before the claim).  The caller
-        writes the range, header last, then calls ``_commit``; on an exception
-        its handler calls ``_interrupted`` (``slot.pending`` is kept current).
-        """
-        while True:
-            core = self._live_core()
-            slot = self._slot()
-            words = core.words
-            core.check_status()
-            lane_word = words[slot.lane_w]
-            i = lane_word & _INDEX_MASK
-            if i >= core.geometry.buffers:
-                raise self._corrupt_lane(lane_word)
-            fill = lane_word >> _FILL_SHIFT
-            committed = words[slot.commit_w + i]
-            slot.pending = (i, -1, committed, size, fill)
-            words[slot.intent_w] = L.claim_intent(lane_word, size)
-            if size > core.faa_limit:
-                off = core.claim_large(i, size)
-                if off < 0:
-                    words[slot.intent_w] = 0
-                    slot.pending = None
-                    core.advance(slot.lane, lane_word, deadline, slot.intent_w)
-                    continue
-                old = off << 32
-            else:
-                old = _fetch_add(core.state_addr[i], size << 32, 5)
-                off = old >> 32
-            slot.pending = (i, old, committed, size, fill)
-            if not old & _SEALED and off + size <= core.capacity and words[core.fill_w[i]] == fill:
-                at = core.records_at[i] + off
-                words[slot.at_w] = at
-                return at, i, committed
-            self._claim_failed(slot, i, old, size, lane_word, deadline)
+        total = fits(slot.room())
+        if total:
+            at = slot.open_range(total)
+            if at >= 0:
+                return at, total, False
+        if not slot.fenced:
+            # Fallback mode: a chunk is exactly one claim, all of it written
+            # in this append (see _ring.Writer): claim what the records take.
+            need = want = fits(max(need, min(want, _BATCH_BYTES, self._capacity // 8)))
+        slot.claim(need, want, deadline)
+        total = fits(slot.room())
+        at = slot.open_range(total)
+        assert at >= 0, "a fresh chunk always takes its first record"
+        return at, total, True
 
     def append_many(self, records: Iterable[Any], *, timeout: float | None = None) -> int:
         """Append each of *records* in order; returns how many were appended.
 
         Same guarantees and errors as :meth:`append`, per record.  Every record is
         checked (type, size) before any is appended.  Consecutive records are
-        claimed together, with one fetch-and-add per batch of up to 64 KiB, so
-        this is much faster than calling :meth:`append` in a loop.  If the ring
-        fails part-way (closed, broken, timed out, or an exception such as
-        ``KeyboardInterrupt``), the records of earlier batches are appended and
+        claimed together, up to what is left of the buffer, and committed with
+        one store, so this is much faster than calling :meth:`append` in a loop.
+        If the ring fails part-way (closed, broken, timed out, or an exception such
+        as ``KeyboardInterrupt``), the records of earlier batches are appended and
         the rest are not; the count (when the call returns) tells how many.
         """
         items: list[Any] = []
@@ -801,37 +594,46 @@ class Ring:
                 raise self._too_large(n)
             items.append(item)
             sizes.append(n)
+        count = len(items)
+        if not count:
+            return 0
         deadline = _deadline(timeout)
-        limit = max(_HDR, min(_BATCH_BYTES, self._capacity // 8))
+        spans = [_HDR + ((n + 7) & -8) for n in sizes]
+        left = sum(spans)
         pack = self._pack
         done = 0
-        count = len(items)
         slot = self._slot()
+
+        def fits(room: int) -> int:
+            total = 0
+            for span in itertools.islice(spans, done, None):
+                if total + span > room:
+                    break
+                total += span
+            return total
+
         try:
             while done < count:
-                # The batch: as many records as fit under the limit (at least one).
-                end = done
-                total = 0
-                while end < count:
-                    size = _HDR + ((sizes[end] + 7) & -8)
-                    if total and total + size > limit:
-                        break
-                    total += size
-                    end += 1
-                at, i, committed = self._claim(slot, total, deadline)
-                slot = self._tls.slot
+                at, total, claimed = self._open_range(slot, spans[done], left, fits, deadline)
                 view = self._view
-                for k in range(done, end):
+                end = at + total
+                k = done
+                while at < end:
                     n = sizes[k]
                     view[at + _HDR : at + _HDR + n] = items[k]
-                    pack(view, at, n, _KIND_DATA, _MARK)
-                    at += _HDR + ((n + 7) & -8)
-                self._commit(slot, i, committed, total)
-                self._records += end - done
-                self._bytes += sum(sizes[done:end])
-                done = end
+                    pack(view, at, n, _KIND_DATA, _MARK)  # each header after its payload
+                    at += spans[k]
+                    k += 1
+                slot.commit_to(end)
+                if claimed:
+                    slot.fresh()
+                self._records += k - done
+                self._bytes += sum(sizes[done:k])
+                left -= total
+                done = k
         except BaseException:
-            self._interrupted(getattr(self._tls, "slot", slot))
+            slot.limit = 0
+            self._interrupted(slot)
             raise
         return count
 
@@ -840,9 +642,10 @@ class Ring:
 
         *array* is typically a 1-D structured array (one record per element) or a
         2-D ``uint8`` array (one record per row).  Every record has the row's size,
-        ``array.itemsize * prod(array.shape[1:])`` bytes.  Rows are claimed in
-        batches (one fetch-and-add per up to 64 KiB) and their headers are written
-        with one vectorised store per batch.  Returns the number of rows appended;
+        ``array.itemsize * prod(array.shape[1:])`` bytes.  Rows are claimed
+        together, up to what is left of the buffer, and their payloads and
+        headers are written with one vectorised assignment each through a
+        structured view of shared memory.  Returns the number of rows appended;
         on a failure part-way (an exception such as ``KeyboardInterrupt``
         included), the rows of earlier batches are appended, each whole.
         Read them back with :func:`shmflush.read_array`.
@@ -860,7 +663,7 @@ class Ring:
             raise ValueError("append_array() needs an array with at least one dimension")
         if not array.flags.c_contiguous:
             raise ValueError("append_array() needs a C-contiguous array (np.ascontiguousarray)")
-        rows = array.shape[0]
+        rows = int(array.shape[0])
         n = array.nbytes // rows if rows else 0
         if n > self._max_record:
             raise self._too_large(n)
@@ -868,31 +671,54 @@ class Ring:
             return 0
         core = self._live_core()
         deadline = _deadline(timeout)
-        size = _HDR + ((n + 7) & -8)
-        per_batch = max(1, min(_BATCH_BYTES, self._capacity // 8) // size)
-        source = array.reshape(rows, -1).view(np.uint8)
-        header = np.frombuffer(_format.RECORD_HEADER.pack(n, _KIND_DATA, _MARK), np.uint8)
+        span = _HDR + ((n + 7) & -8)
+        # One record as numpy sees it: the header as one little-endian word,
+        # then the payload.  Assigning a field writes every row's at once.
+        record = (
+            np.dtype(
+                {
+                    "names": ["h", "p"],
+                    "formats": ["<u8", f"V{n}" if n else "V1"],
+                    "offsets": [0, _HDR],
+                    "itemsize": span,
+                }
+            )
+            if n
+            else np.dtype({"names": ["h"], "formats": ["<u8"], "offsets": [0], "itemsize": span})
+        )
+        header = int.from_bytes(_format.RECORD_HEADER.pack(n, _KIND_DATA, _MARK), "little")
+        source = array.reshape(rows, -1).view(np.uint8).reshape(rows, n)
+        payloads = source.view(f"V{n}").reshape(rows) if n else None
         mapped = core.bytes_view()
         done = 0
         slot = self._slot()
+
+        def fits(room: int) -> int:
+            return min(rows - done, room // span) * span
+
         try:
             while done < rows:
-                k = min(per_batch, rows - done)
-                at, i, committed = self._claim(slot, k * size, deadline)
-                slot = self._tls.slot
-                target = mapped[at : at + k * size].reshape(k, size)
-                target[:, _HDR : _HDR + n] = source[done : done + k]
-                target[:, :_HDR] = header  # headers after the payloads
-                self._commit(slot, i, committed, k * size)
+                at, total, claimed = self._open_range(
+                    slot, span, (rows - done) * span, fits, deadline
+                )
+                k = total // span
+                target = mapped[at : at + total].view(record)
+                if payloads is not None:
+                    target["p"] = payloads[done : done + k]
+                target["h"] = header  # every header after every payload
+                slot.commit_to(at + total)
+                if claimed:
+                    slot.fresh()
                 self._records += k
                 self._bytes += k * n
                 done += k
         except BaseException:
-            self._interrupted(getattr(self._tls, "slot", slot))
+            slot.limit = 0
+            self._interrupted(slot)
             raise
         finally:
             del mapped
-        return int(rows)
+        return rows
 
     def reserve(self, n: int, *, timeout: float | None = None) -> _Reservation:
         """Claim *n* bytes; ``with ring.reserve(n) as view:`` gives a writable
@@ -954,6 +780,21 @@ class Ring:
                     raise
                 core.words[slot.intent_w] = 0
             waiting.append((i, fill))
+        # This thread's own chunk, in a fill just sealed: give its tail back
+        # now rather than wait for the flusher to take it.
+        mine: Writer | None = getattr(self._tls, "slot", None)
+        if (
+            mine is not None
+            and mine.end
+            and not mine.unsettled()
+            and core.state(mine.buf) & L.SEALED
+        ):
+            try:
+                mine.return_chunk()
+            except BaseException:
+                mine.limit = 0
+                self._interrupted(mine)
+                raise
         core.wake_flusher()
         nap = 50e-6
         while waiting:
@@ -989,7 +830,7 @@ class Ring:
             records=self._records,
             bytes=self._bytes,
             waits=core.waits,
-            abandoned=self._abandoned,
+            abandoned=core.abandoned,
             buffers_flushed=core.header(L.H_BUFFERS_FLUSHED),
             bytes_written=core.header(L.H_BYTES_WRITTEN),
             syncs=core.header(L.H_SYNCS),
@@ -1014,37 +855,32 @@ class _Reservation:
     """The context manager :meth:`Ring.reserve` returns (a class, not a
     generator: it costs less than an append's own overhead)."""
 
-    __slots__ = (
-        "_at",
-        "_committed",
-        "_frame",
-        "_i",
-        "_n",
-        "_ring",
-        "_size",
-        "_slot",
-        "_timeout",
-    )
+    __slots__ = ("_at", "_claimed", "_frame", "_n", "_ring", "_size", "_slot", "_timeout")
 
     def __init__(self, ring: Ring, n: int, timeout: float | None) -> None:
         self._ring = ring
         self._n = n
         self._timeout = timeout
-        self._slot: _ThreadSlot | None = None
+        self._slot: Writer | None = None
         self._frame: Any = None
-        self._at = self._i = self._committed = 0
+        self._at = 0
+        self._claimed = False
         self._size = _HDR + ((n + 7) & -8)
 
     def __enter__(self) -> memoryview:
         ring = self._ring
         slot = ring._slot()
-        deadline = _deadline(self._timeout)
+        size = self._size
         try:
-            at, i, committed = ring._claim(slot, self._size, deadline)
-            slot = ring._tls.slot
+            # Inside an append at the chunk's position until __exit__ (AT_BUSY).
+            at = slot.open_range(size)
+            if at < 0:
+                slot.claim(size, size, _deadline(self._timeout))
+                at = slot.open_range(size)
+                self._claimed = True
             view = ring._view[at + _HDR : at + _HDR + self._n]
             slot.reservation = view
-            self._slot, self._at, self._i, self._committed = slot, at, i, committed
+            self._slot, self._at = slot, at
             # The frame of the with statement: while it runs, the block is open.
             self._frame = sys._getframe(1)
             ring._tls.reservation = self
@@ -1053,10 +889,11 @@ class _Reservation:
             return view  # noqa: TRY300  (inside the try: an exception here is settled too)
         except BaseException:
             # No __exit__ will come: settle the claim (abandoned) here.
-            self._abandon(getattr(ring._tls, "slot", slot))
+            slot.limit = 0
+            self._abandon(slot)
             raise
 
-    def _abandon(self, slot: _ThreadSlot) -> None:
+    def _abandon(self, slot: Writer) -> None:
         ring = self._ring
         if getattr(ring._tls, "reservation", None) is self:
             ring._tls.reservation = None
@@ -1092,17 +929,21 @@ class _Reservation:
             return
         try:
             view.release()
-            kind = _KIND_DATA if exc_type is None else _KIND_ABANDONED
-            # The header goes last, as in append: until it is there, a crash leaves
-            # a zero header, and recovery abandons the range.
-            ring._pack(ring._view, self._at, self._n, kind, _MARK)
-            ring._commit(slot, self._i, self._committed, self._size)
-            if kind == _KIND_DATA:
+            at = self._at
+            if exc_type is None:
+                # The header goes last, as in append: until it is there, an
+                # interrupt or a crash leaves a zero header, and the range is
+                # abandoned.
+                ring._pack(ring._view, at, self._n, _KIND_DATA, _MARK)
+                slot.commit_to(at + self._size)
                 ring._records += 1
                 ring._bytes += self._n
             else:
-                ring._abandoned += 1
+                slot.abandon_to(at + self._size)
+            if self._claimed:
+                slot.fresh()
         except BaseException:
+            slot.limit = 0
             ring._interrupted(slot)
             raise
         finally:
@@ -1438,6 +1279,9 @@ def create(
                 next_seq=next_seq,
                 recovery_ns=int(recovery_timeout * 1e9),
                 path=encoded,
+                # Chunks only where this process can take part in the fence;
+                # every other writer process checks for itself (see _ring.Writer).
+                fence=L.FENCE_ON if _fence.register() else L.FENCE_OFF,
             )
         finally:
             view.release()

@@ -5,10 +5,10 @@ reached, counting from 1) makes the process that reaches it exit at once with
 ``os._exit(CRASH_STATUS)``: no cleanup, no flush, like a SIGKILL at that instant.
 The crash tests and ``scripts/soak.py`` use it.
 
-When the variable is unset, ``ENABLED`` is False and nothing here runs: the
-append fast path has no crash points at all; with fault injection on, every append
-takes the general path (``Ring._claim``), which performs the same steps and has
-the points.
+When the variable is unset, ``ENABLED`` is False and nothing here runs: each
+crash point in the code is one load of a module constant (``_ring._FAULTS``)
+and a branch.  The points sit in the path production runs (``_ring.Writer``,
+the flusher), so a crash test kills the code that runs every day.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ POINTS: Final = frozenset(
         "append.claimed",  # after a successful claim, before the payload
         "append.copied",  # after the payload, before the record header
         "append.headed",  # after the header, before the commit
-        "append.committed",  # after the commit, before clearing the intent
+        "append.committed",  # after the commit, before leaving the append
+        "chunk.returned",  # a writer won its chunk's tail, before committing it
+        "flush.chunk_taken",  # the flusher won a chunk's tail, before committing it
         "reserve.open",  # inside a reserve() block
         "close.sealed",  # crossing writer: after sealing, before the extent
         "close.addressed",  # after the extent is stored, before CLOSED

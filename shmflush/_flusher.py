@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno as E
 import fcntl
 import mmap
@@ -49,12 +48,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import _faults, _format, _proc
 from . import _layout as L
-from ._atomic import compare_exchange as _cas
 from ._errors import ShmflushError
 from ._recovery import Recovery
-from ._ring import Ring, acquire, attach_ring
+from ._ring import TAKEN, WAITING, Ring, acquire, attach_ring
 
-_READY = L.SEALED | L.CLOSED
 # Threads writing fills at once (see Flusher.write_all).
 _WRITE_THREADS = 4
 # Preallocation step (see Flusher.preallocate).
@@ -163,24 +160,7 @@ class Flusher:
     # -- buffers ---------------------------------------------------------------
 
     def reset(self, i: int) -> None:
-        """Zero the written part of buffer *i* and make it IDLE.
-
-        Zeroing before reuse keeps padding free of stale records (the Rust crate's
-        stale-padding bug) and is what lets a crash-time scan trust zeros.
-        """
-        ring = self.ring
-        used = ring.words[ring.used_w[i]]
-        size = _format.segment_size(min(used, ring.capacity))
-        ctypes.memset(ring.base + ring.buffer_at[i], 0, size)
-        if _faults.ENABLED:
-            _faults.reached("flush.zeroed")
-        addr = ring.state_addr[i]
-        st = ring.state(i)
-        while True:
-            # A loop, not a store: stale claims may be adding to the offset.
-            ok, st = _cas(addr, st, L.IDLE | L.SEALED)
-            if ok:
-                return
+        self.ring.reset(i)
 
     def seal_due(self, now: float, closing: bool) -> None:
         ring = self.ring
@@ -203,28 +183,23 @@ class Flusher:
                 self.first_seen.pop(i, None)
 
     def take_ready(self) -> bool:
-        """Take every closed fill whose claims are all committed.  Returns True if
-        a closed fill is still waiting for a writer to finish its copy."""
+        """Take every closed fill whose claims are all committed, taking back
+        idle writers' chunk tails first where that is what a fill waits for.
+        Returns True if a closed fill is still waiting for a writer."""
+        incomplete = self._take()
+        if incomplete and self.ring.return_chunks():
+            incomplete = self._take()
+        return incomplete
+
+    def _take(self) -> bool:
         ring = self.ring
-        words = ring.words
         incomplete = False
         for i in range(ring.geometry.buffers):
-            st = ring.state(i)
-            if (st & (_READY | L.FLUSHING)) != _READY:
-                continue
-            used = words[ring.used_w[i]]
-            total = ring.commit_total(i)
-            if (total - words[ring.base_w[i]]) & L.WORD_MASK != used:
-                incomplete = True
-                continue
-            ok, _ = _cas(ring.state_addr[i], st, st | L.FLUSHING)
-            if ok:
-                # The next fill of this buffer counts from here.  Stored as the
-                # total (not base + used) so that a restarted flusher can redo it.
-                words[ring.base_w[i]] = total
+            got = ring.take(i)
+            if got == TAKEN:
                 self.pending.append(i)
-                if _faults.ENABLED:
-                    _faults.reached("flush.taken")
+            elif got == WAITING:
+                incomplete = True
         return incomplete
 
     def flush_pending(self, now: float) -> None:
@@ -453,7 +428,7 @@ class Flusher:
         for i in range(ring.geometry.buffers):
             if not ring.state(i) & L.FLUSHING or i in self.pending:
                 continue
-            words[ring.base_w[i]] = ring.commit_total(i)
+            ring.rebase(i)
             if words[ring.durable_w[i]] == words[ring.fill_w[i]]:
                 self.reset(i)  # written and synced; maybe half zeroed: just finish
             else:

@@ -15,6 +15,7 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       64    flush_interval in ns               -+
       72    owner pid        80  owner start time (clock ticks)   88  ring id (random)
       96    recovery timeout in ns
+      120   always zero (see _ring.Writer.seal_w)
       128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
       192   status        200 error errno   208 error buffer   216 waiters
             (error errno and buffer: the write that broke the ring; buffer
@@ -36,6 +37,9 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
             2 ERROR_FILE_TRUNCATED, the file was cut to the size at 360, below
               the bytes at 368 that had been written already.
             Found by the flusher's fstat of the file, 4 times a second.
+      376   fence: 1 (FENCE_ON) if writers claim chunks and append into them
+            with plain stores (the creator could register for membarrier(2));
+            0: one fetch-and-add per record.  Written once, at creation.
       512   file path, UTF-8, NUL-padded (up to 3584 bytes): lets any process
             restart the flusher on the same file
     4096                         64 * lanes      lane table: +0 lane word (below)
@@ -105,19 +109,31 @@ Lease slot (64 bytes)::
         index (a seal's marker: the buffer index only).  A writer whose lane
         word was stale still names the buffer it really claims in, so recovery
         never takes a live writer's buffer.
-    +40 at: mapping offset of the claimed range once the claim is known to have
-        succeeded (stored before any byte of it is written); 0 = not known
+    +40 at: the holder's position in its chunk, a mapping offset: where its
+        next record goes.  Bit 0 (AT_BUSY) is set while the holder is inside
+        an append at that offset (from before it checks the fill is unsealed
+        until after its commit), and from the chunk's claim until its first
+        record is committed.  Meaningful only while +56 names a chunk.
     +48 flags: ORPHANED (bit 0): the holder is alive but has given this slot
         up with a claim it could not settle (an exception inside append);
         recovery treats it as a dead writer's slot
+    +56 chunk: the range the holder claimed and appends into, 0 = none:
+        ``claim_intent(lane word, end)``, the chunk's buffer and fill as in
+        the intent, and in bits 29..0 the offset in the record area where the
+        chunk ends.  Stored by the holder after +40 (so a chunk is never seen
+        with a stale position).  Its unused tail is returned by the holder or
+        by the flusher, whichever wins a compare-and-swap: the flusher's
+        clears the word; the holder's sets bit 31 (CHUNK_RETURNING), so that an
+        interrupted holder can tell it won, and clears the word once the tail
+        is committed (see _ring).
 
 Commit counters (u64, lease-major: counter (k, i) at LEASES_END + 8 * (k * buffers + i))::
 
     bytes that lease slot k has committed into buffer i, over all its fills.  Only
     the slot's holder writes it, with a plain store after the record's bytes, so
     on x86-64 (total store order) a counter never runs ahead of the bytes it
-    covers.  Row ``max_writers`` belongs to the flusher: dead-writer recovery
-    commits there what dead or orphaned writers left uncommitted.  A fill is
+    covers.  Row ``max_writers`` belongs to the flusher: it commits there the
+    chunk tails it returns and what dead or orphaned writers left uncommitted.  A fill is
     complete when the column of buffer i sums to ``base + used``.  Lease-major
     order keeps each writer's counters on its own cache lines.
 
@@ -142,7 +158,7 @@ PAGE: Final = 4096
 LINE: Final = 64
 
 MAGIC: Final = b"SHMFLRNG"
-LAYOUT_VERSION: Final = 3
+LAYOUT_VERSION: Final = 4
 
 # Header fields: byte offsets of u64 words.
 H_MAGIC: Final = 0
@@ -158,6 +174,7 @@ H_OWNER_PID: Final = 72
 H_OWNER_START: Final = 80
 H_RING_ID: Final = 88  # random per creation: tells a ring from a later one of the same name
 H_RECOVERY_NS: Final = 96  # how long a stuck fill waits before dead-writer recovery
+H_ZERO: Final = 120  # always zero: the word a fresh chunk's first put() checks (see _ring)
 H_NEXT_ADDRESS: Final = 128
 H_NEXT_SEQ: Final = 136
 H_FILL_COUNTER: Final = 144
@@ -180,6 +197,7 @@ H_STALL_ERRNO: Final = 344  # the error the flusher retries without breaking the
 H_ERROR_KIND: Final = 352  # what broke the ring: ERROR_* below
 H_ERROR_SIZE: Final = 360  # ERROR_FILE_TRUNCATED: the size the file was cut to
 H_ERROR_WRITTEN: Final = 368  # ERROR_FILE_TRUNCATED: the bytes written before that
+H_FENCE: Final = 376  # FENCE_ON: writers append into chunks (see _ring, _fence)
 H_PATH: Final = 512
 HEADER_SIZE: Final = 4096
 MAX_PATH_BYTES: Final = HEADER_SIZE - H_PATH
@@ -196,6 +214,10 @@ ERROR_FILE_DELETED: Final = 1
 ERROR_FILE_TRUNCATED: Final = 2
 # H_ERROR_BUFFER when the failure was not one buffer's write.
 NO_BUFFER: Final = (1 << 64) - 1
+
+# H_FENCE values.
+FENCE_OFF: Final = 0  # one fetch-and-add per record (membarrier unavailable or off)
+FENCE_ON: Final = 1  # chunk claims; the flusher returns idle chunks after membarrier(2)
 
 # H_DIRECT_IO values.
 DIRECT_UNKNOWN: Final = 0
@@ -243,7 +265,10 @@ L_LANE: Final = 24
 L_INTENT: Final = 32
 L_AT: Final = 40
 L_FLAGS: Final = 48
+L_CHUNK: Final = 56
 FLAG_ORPHANED: Final = 1 << 0
+AT_BUSY: Final = 1  # L_AT bit 0: the holder is inside an append at that offset
+CHUNK_RETURNING: Final = 1 << 31  # L_CHUNK: the holder won its tail, is committing it
 INTENT_KIND_MASK: Final = 3 << 30
 INTENT_SIZE_MASK: Final = (1 << 30) - 1
 
@@ -449,6 +474,7 @@ def init_header(
     next_seq: int,
     recovery_ns: int = 500_000_000,
     path: bytes = b"",
+    fence: int = FENCE_OFF,
 ) -> None:
     """Fill a fresh, zeroed segment.  Runs before any other process can see it.
 
@@ -459,6 +485,7 @@ def init_header(
     words = view.cast("Q")
     try:
         words[H_RECOVERY_NS // 8] = recovery_ns
+        words[H_FENCE // 8] = fence
         words[H_VERSION // 8] = LAYOUT_VERSION
         words[H_TOTAL_SIZE // 8] = geometry.total_size
         words[H_BUFFER_SIZE // 8] = geometry.buffer_size

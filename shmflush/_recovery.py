@@ -37,7 +37,6 @@ import sys
 from dataclasses import dataclass, field
 
 from . import _layout as L
-from ._atomic import SEQ_CST, compare_exchange, fetch_or
 from ._ring import Ring, holder_alive
 
 
@@ -48,8 +47,10 @@ class _Leases:
     live_claims: set[int] = field(default_factory=set)  # buffer indexes
     live_sealing: set[int] = field(default_factory=set)  # buffer indexes
     live_rotating: bool = False
-    # buffer index -> [(slot, claim size, at or 0)]
-    dead_claims: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    # buffer index -> [slot]: claims in flight (no chunk installed: wrote nothing)
+    dead_claims: dict[int, list[int]] = field(default_factory=dict)
+    # buffer index -> [(slot, position, chunk end)], mapping offsets
+    dead_chunks: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
     dead_sealing: dict[int, list[int]] = field(default_factory=dict)  # buffer -> slots
     dead_rotating: list[int] = field(default_factory=list)  # slots
 
@@ -95,6 +96,28 @@ class Recovery:
             return True
         return not holder_alive(pid, words[(at + L.L_START) // 8])
 
+    def _chunk(self, k: int) -> tuple[int, int, int] | None:
+        """Slot *k*'s chunk, if it names the current fill of a busy buffer and
+        still holds something (an append in flight, or a tail): (buffer,
+        position, end), mapping offsets."""
+        ring = self.ring
+        words = ring.words
+        lease = ring.geometry.lease(k)
+        c = words[(lease + L.L_CHUNK) // 8]
+        if not c:
+            return None
+        i = L.intent_buffer(c)
+        if i >= ring.geometry.buffers or ring.state(i) & L.IDLE:
+            return None
+        if L.intent_fill_tag(c) != words[ring.fill_w[i]] & 0xFFFF:
+            return None
+        at = words[(lease + L.L_AT) // 8]
+        pos = at & ~L.AT_BUSY
+        end = ring.records_at[i] + (c & L.INTENT_SIZE_MASK)
+        if pos >= end and not at & L.AT_BUSY:
+            return None  # used up: nothing in flight, no tail
+        return i, pos, end
+
     def scan_leases(self) -> _Leases:
         ring = self.ring
         g = ring.geometry
@@ -108,7 +131,12 @@ class Recovery:
             intent = words[(at + L.L_INTENT) // 8]
             kind = intent & L.INTENT_KIND_MASK
             buffer = L.intent_buffer(intent)
+            chunk = self._chunk(k)
             if not self._dead(k, pid):
+                # A live chunk holds its buffer, busy or not: if it is not
+                # busy, the flusher takes its tail back (return_chunks).
+                if chunk is not None:
+                    out.live_claims.add(chunk[0])
                 if kind == L.INTENT_ROTATING:
                     out.live_rotating = True
                 elif kind == L.INTENT_SEALING:
@@ -116,23 +144,25 @@ class Recovery:
                 elif intent:
                     out.live_claims.add(buffer)
                 continue
+            if chunk is not None:
+                out.dead_chunks.setdefault(chunk[0], []).append((k, chunk[1], chunk[2]))
             if kind == L.INTENT_ROTATING:
                 out.dead_rotating.append(k)
             elif kind == L.INTENT_SEALING:
                 out.dead_sealing.setdefault(buffer, []).append(k)
             elif intent:
                 if buffer >= g.buffers:
-                    self._free(k, pid)  # corrupt: never index out of range
+                    if chunk is None:
+                        self._free(k, pid)  # corrupt: never index out of range
                     continue
                 if L.intent_fill_tag(intent) != words[ring.fill_w[buffer]] & 0xFFFF:
                     # A claim on an earlier fill (settled long ago, or a stale
                     # lane word): nothing of the current fill.
-                    self._free(k, pid)
+                    if chunk is None:
+                        self._free(k, pid)
                     continue
-                size = intent & L.INTENT_SIZE_MASK
-                claim_at = words[(at + L.L_AT) // 8]
-                out.dead_claims.setdefault(buffer, []).append((k, size, claim_at))
-            else:
+                out.dead_claims.setdefault(buffer, []).append(k)
+            elif chunk is None:
                 self._free(k, pid)
         return out
 
@@ -180,15 +210,15 @@ class Recovery:
                     and i < g.buffers
                     and L.intent_fill_tag(intent) == words[ring.fill_w[i]] & 0xFFFF
                 )
+            # So does a chunk with a tail or a record still in it.
+            chunk = self._chunk(k)
+            if chunk is not None and chunk[0] in busy and chunk[1] < chunk[2]:
+                matters = True
             if not matters:
                 self._free(k, pid)
 
     def _free(self, k: int, pid: int) -> None:
-        ring = self.ring
-        at = ring.geometry.lease(k)
-        ring.words[(at + L.L_INTENT) // 8] = 0
-        ring.words[(at + L.L_AT) // 8] = 0
-        compare_exchange(ring.base + at + L.L_PID, pid, 0)
+        self.ring.free_lease(k, pid)
 
     def _free_slot(self, k: int) -> None:
         self._free(k, self.ring.words[(self.ring.geometry.lease(k) + L.L_PID) // 8])
@@ -207,15 +237,18 @@ class Recovery:
             if i in leases.live_claims or i in leases.live_sealing:
                 continue  # a live writer is still at it: never take its range
             dead = leases.dead_claims.get(i, [])
+            chunks = leases.dead_chunks.get(i, [])
             sealers = leases.dead_sealing.get(i, [])
             if not st & L.SEALED:
-                if dead:
+                if dead or chunks:
                     ring.seal(i)  # closes it unless a dead writer had crossed capacity
                 continue  # next pass sees it sealed (or closed)
-            if self._resolve(i, dead):
+            if self._resolve(i, chunks):
                 self.ring.header_add(L.H_RECOVERED, 1)
                 self.seen.pop(i, None)
-                for k, _, _ in dead:
+                for k in dead:
+                    self._free_slot(k)
+                for k, _, _ in chunks:
                     self._free_slot(k)
                 for k in sealers:
                     self._free_slot(k)
@@ -229,18 +262,19 @@ class Recovery:
         ring = self.ring
         named = L.lane_word(ring.words[ring.fill_w[j]], j)
         if any(ring.words[w] == named for w in ring.lane_w):
-            ring._open(j)  # installed in its lane already: finish the rotation
+            ring.open_fill(j)  # installed in its lane already: finish the rotation
         else:
-            ring._unreserve(j)
+            ring.unreserve(j)
         for k in leases.dead_rotating:
             self._free_slot(k)
         self.ring.header_add(L.H_RECOVERED, 1)
 
     # -- resolving one fill --------------------------------------------------------
 
-    def _resolve(self, i: int, dead: list[tuple[int, int, int]]) -> bool:
+    def _resolve(self, i: int, chunks: list[tuple[int, int, int]]) -> bool:
         """Settle the stuck, sealed fill of buffer *i*, whose only unfinished
-        claims are *dead* ones (no live writer has a claim or seal on *i*)."""
+        claims are dead ones (no live writer has a claim, chunk or seal on *i*);
+        *chunks*: the dead writers' chunks in it."""
         ring = self.ring
         words = ring.words
         st = ring.state(i)
@@ -253,26 +287,25 @@ class Recovery:
         if used > ring.capacity:
             return False
         start = ring.records_at[i]
-        # Known claims: keep their finished records, abandon the rest.  Offsets
-        # come from shared memory, so check them before writing anything.
-        for _, size, claim_at in dead:
-            end = claim_at + size
-            if not claim_at:
-                continue  # unknown: it wrote nothing; its zeros are padding
-            if claim_at % 8 or claim_at < start or end > start + used:
+        u8 = ring.bytes_view()
+        # Dead chunks: keep their finished records, abandon what follows unless
+        # it is all zero (padding).  Positions come from shared memory, so
+        # check them before writing anything.
+        for _, pos, end in chunks:
+            if pos % 8 or not start <= pos <= end <= start + used:
                 print(
-                    f"shmflush: ring {ring.name!r}: buffer {i}: a dead claim at {claim_at} "
-                    f"of {size} bytes lies outside the fill; left as it is",
+                    f"shmflush: ring {ring.name!r}: buffer {i}: a dead writer's chunk "
+                    f"[{pos}, {end}) lies outside the fill; left as it is",
                     file=sys.stderr,
                 )
                 return False
-            first = ring.finished_prefix(claim_at, end)
-            if first < end:
+            first = ring.finished_prefix(pos, end)
+            if first < end and u8[first:end].any():
                 ring.abandon(first, end - first)
         if not extent_stored:
-            ring._close_fill(i, used)
+            ring.close_extent(i, used)
         if not closed:
-            fetch_or(ring.state_addr[i], L.CLOSED, SEQ_CST)
+            ring.mark_closed(i)
         # Whatever the fill lacks is dead writers' (abandoned or still zero):
         # commit it in the flusher's row, which nobody else writes.
         deficit = (used - ring.committed(i)) & L.WORD_MASK

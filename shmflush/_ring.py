@@ -65,6 +65,7 @@ import errno as _errno
 import mmap
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -73,9 +74,15 @@ from typing import Any, Final
 import numpy as np
 import posix_ipc
 
-from . import _atomic, _faults, _format, _proc
+from . import _atomic, _faults, _fence, _format, _proc
 from . import _layout as L
-from ._errors import RingBrokenError, RingClosedError, RingTimeoutError, ShmflushError
+from ._errors import (
+    CorruptRingError,
+    RingBrokenError,
+    RingClosedError,
+    RingTimeoutError,
+    ShmflushError,
+)
 
 SEQ_CST: Final = _atomic.SEQ_CST
 _fetch_add = _atomic.fetch_add
@@ -83,11 +90,29 @@ _fetch_sub = _atomic.fetch_sub
 _fetch_or = _atomic.fetch_or
 _load = _atomic.load
 _cas = _atomic.compare_exchange
+_pack = _format.RECORD_HEADER.pack_into
+_MARK: Final = _format.RECORD_MARK
+_KIND_DATA: Final = _format.KIND_DATA
+_BUSY: Final = L.AT_BUSY
+# Bound at import: the crash points cost one global load each when off.
+_FAULTS: Final = _faults.ENABLED
+
+# Chunk sizes (bytes) a writer claims for single records: it starts small, so
+# that an idle writer's returned tail (padding in the file) stays small, and
+# doubles each time it fills a chunk itself.  At 16 KiB the fetch-and-add costs
+# a few nanoseconds per 100-byte record.
+CHUNK_MIN: Final = 1024
+CHUNK_MAX: Final = 16384
 
 # Results of Ring.rotate().
 MOVED: Final = 0  # the lane now names another fill (we or somebody else moved it)
 NOT_DONE: Final = 1  # the lane's fill is still open or being closed
 NO_SPACE: Final = 2  # no idle buffer: wait for the flusher
+
+# Results of Ring.take().
+NOT_READY: Final = 0  # not a closed fill (or somebody else took it)
+TAKEN: Final = 1
+WAITING: Final = 2  # closed, but a claim in it is not yet committed
 
 
 # Signals held back while the main thread waits on a semaphore (see acquire):
@@ -216,7 +241,16 @@ class Ring:
         self.lane_w = [g.lane(k) // 8 for k in range(g.lanes)]
         self.lane_addr = [base + g.lane(k) for k in range(g.lanes)]
         self.status_w = L.H_STATUS // 8
+        self.zero_w = L.H_ZERO // 8
+        # Writers append into chunks only if the ring was created so (the
+        # creator could register for membarrier); see Writer and return_chunks.
+        self.fence_on = self.words[L.H_FENCE // 8] == L.FENCE_ON
+        # The lease table as (slot, word), for the flusher's scans.
+        self.leases: np.ndarray[Any, np.dtype[np.uint64]] | None = np.frombuffer(
+            mm, dtype=np.uint64, count=g.max_writers * 8, offset=g.lease(0)
+        ).reshape(g.max_writers, 8)
         self.waits = 0  # times this handle blocked for space (Stats.waits)
+        self.abandoned = 0  # claims this handle gave up as ABANDONED (Stats.abandoned)
         self._lease_hint = 0
         self._taking = -1  # the slot acquire_lease is taking (release_untaken_lease)
         # Set when the API handle that owns this mapping is closed: every wait
@@ -275,7 +309,7 @@ class Ring:
         self.close_semaphores()
         if self.mm is None:
             return
-        self.commits = self.u8 = None  # drops numpy's exports of the mapping
+        self.commits = self.u8 = self.leases = None  # drops numpy's exports of the mapping
         self.words.release()
         self.view.release()
         self.mm.close()
@@ -397,7 +431,7 @@ class Ring:
         """Bytes committed into buffer *i*'s current fill (see _layout)."""
         return (self.commit_total(i) - self.words[self.base_w[i]]) & L.WORD_MASK
 
-    def _close_fill(self, i: int, used: int) -> None:
+    def close_extent(self, i: int, used: int) -> None:
         """Fix the fill's extent: used length, file address, seal sequence.
 
         The caller publishes these plain stores with the atomic RMW that sets
@@ -415,12 +449,16 @@ class Ring:
         words[self.seq_w[i]] = seq
         words[self.extent_of_w[i]] = words[self.fill_w[i]]
 
+    def mark_closed(self, i: int) -> None:
+        """Set CLOSED (after close_extent): publishes the extent's plain stores."""
+        _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
+
     def close_crossing(self, i: int, used: int) -> None:
         """Close a fill on behalf of the crossing claim (whose bytes are not in it)."""
         _fetch_or(self.state_addr[i], L.SEALED, SEQ_CST)
         if _faults.ENABLED:
             _faults.reached("close.sealed")
-        self._close_fill(i, used)
+        self.close_extent(i, used)
         if _faults.ENABLED:
             _faults.reached("close.addressed")
         _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
@@ -461,16 +499,140 @@ class Ring:
         used = prev >> L.OFFSET_SHIFT
         if used > self.capacity:
             return True  # the crossing writer closes it
-        self._close_fill(i, used)
+        self.close_extent(i, used)
         _fetch_or(self.state_addr[i], L.CLOSED, SEQ_CST)
         self.wake_flusher()
         return True
+
+    def take(self, i: int) -> int:
+        """The flusher takes buffer *i*'s fill for writing: SEALED|CLOSED becomes
+        FLUSHING once every claim in it is committed and every chunk tail
+        returned (I2).  Returns TAKEN, WAITING (closed, not yet all committed)
+        or NOT_READY."""
+        st = self.state(i)
+        if (st & (L.SEALED | L.CLOSED | L.FLUSHING)) != L.SEALED | L.CLOSED:
+            return NOT_READY
+        words = self.words
+        total = self.commit_total(i)
+        if (total - words[self.base_w[i]]) & L.WORD_MASK != words[self.used_w[i]]:
+            return WAITING
+        ok, _ = _cas(self.state_addr[i], st, st | L.FLUSHING)
+        if not ok:
+            return NOT_READY
+        # The next fill of this buffer counts from here.  Stored as the total
+        # (not base + used) so that a restarted flusher can redo it.
+        words[self.base_w[i]] = total
+        if _FAULTS:
+            _faults.reached("flush.taken")
+        return TAKEN
+
+    def rebase(self, i: int) -> None:
+        """Redo take's base for a fill a dead flusher had taken (idempotent)."""
+        self.words[self.base_w[i]] = self.commit_total(i)
+
+    def reset(self, i: int) -> None:
+        """Zero the written part of buffer *i* and make it IDLE (after its write
+        is durable, I4).
+
+        Zeroing before reuse keeps padding free of stale records (the Rust crate's
+        stale-padding bug) and is what lets recovery and readers trust zeros.
+        """
+        used = self.words[self.used_w[i]]
+        size = _format.segment_size(min(used, self.capacity))
+        ctypes.memset(self.base + self.buffer_at[i], 0, size)
+        if _FAULTS:
+            _faults.reached("flush.zeroed")
+        addr = self.state_addr[i]
+        st = self.state(i)
+        while True:
+            # A loop, not a store: stale claims may be adding to the offset.
+            ok, st = _cas(addr, st, L.IDLE | L.SEALED)
+            if ok:
+                return
 
     def abandon(self, at: int, size: int) -> None:
         """Turn a claimed range into an ABANDONED record (LLAMA's failed-flush marker)."""
         _format.pack_record_header(
             self.view, at, size - _format.RECORD_HEADER_SIZE, _format.KIND_ABANDONED
         )
+
+    def return_chunks(self) -> int:
+        """The flusher's half of the chunk protocol: take back the unused tails
+        of chunks in sealed fills whose writers are not inside an append, and
+        commit them in the flusher's row.  Returns how many it took.
+
+        A writer stores its position with AT_BUSY, then checks that its fill is
+        unsealed, with plain accesses that x86-64 may reorder (store buffer).
+        Every fill considered here was sealed (an atomic RMW) before the
+        barrier below, and membarrier(2) makes every running thread of a
+        registered writer process execute a full barrier before it returns.
+        So after it, a writer whose position reads without AT_BUSY is outside
+        any append that could write into the chunk: a later one sees SEALED.
+        A writer inside one (AT_BUSY) keeps its chunk; its fill waits for it.
+        """
+        leases = self.leases
+        if not self.fence_on or leases is None:
+            return 0
+        g = self.geometry
+        words = self.words
+        found = []
+        for k in np.flatnonzero(leases[:, L.L_CHUNK // 8]).tolist():
+            c = int(leases[k, L.L_CHUNK // 8])
+            if c & L.CHUNK_RETURNING:
+                continue  # its holder won the tail and is committing it
+            end = self._chunk_end(c)
+            if end and self._returnable(k, c, end):
+                found.append((k, c, end))
+        if not found:
+            return 0
+        try:
+            _fence.barrier()
+        except OSError as exc:
+            # The kernel refused (seccomp): tails wait for their writers,
+            # which return them on their next append or when they end.
+            print(
+                f"shmflush: ring {self.name!r}: {exc}; idle writers' chunks "
+                "are returned by their writers only",
+                file=sys.stderr,
+            )
+            self.fence_on = False
+            return 0
+        taken = 0
+        for k, c, end in found:
+            pos = self._returnable(k, c, end)
+            if not pos:
+                continue
+            ok, _ = _cas(self.base + g.lease(k) + L.L_CHUNK, c, 0)
+            if ok:
+                if _FAULTS:
+                    _faults.reached("flush.chunk_taken")
+                w = g.commit(g.recovery_row, L.intent_buffer(c)) // 8
+                words[w] = (words[w] + end - pos) & L.WORD_MASK
+                taken += 1
+        return taken
+
+    def _chunk_end(self, c: int) -> int:
+        """The mapping offset where chunk word *c* ends, if it names a chunk of
+        a sealed fill not yet taken (the only ones return_chunks takes); else 0."""
+        i = L.intent_buffer(c)
+        if i >= self.geometry.buffers:
+            return 0
+        st = self.words[self.state_w[i]]
+        if (st & (L.SEALED | L.FLUSHING | L.IDLE | L.RESERVED)) != L.SEALED:
+            return 0
+        if L.intent_fill_tag(c) != self.words[self.fill_w[i]] & 0xFFFF:
+            return 0
+        end = self.records_at[i] + (c & L.INTENT_SIZE_MASK)
+        return end if end <= self.records_at[i] + self.capacity else 0
+
+    def _returnable(self, k: int, c: int, end: int) -> int:
+        """Slot *k*'s position in its chunk *c* ending at *end*, if it is
+        outside an append and short of the end (a tail to take); else 0."""
+        pos = self.words[(self.geometry.lease(k) + L.L_AT) // 8]
+        start = self.records_at[L.intent_buffer(c)]
+        if pos & _BUSY or pos % 8 or not start <= pos < end:
+            return 0
+        return pos
 
     def claim_succeeded(self, old: int, size: int) -> bool:
         """Did a claim of *size* bytes whose fetch-and-add returned *old* get its
@@ -498,53 +660,6 @@ class Ring:
                 break
             at += size
         return at
-
-    def settle_claim(  # noqa: PLR0917  (the claim's whole state, as the writer had it)
-        self, k: int, i: int, old: int, committed: int, size: int, fill: int
-    ) -> bool:
-        """Settle lease slot *k*'s claim after an exception interrupted its writer.
-
-        The claim was *size* bytes on buffer *i*, whose lane word named fill
-        *fill*; its fetch-and-add returned *old* (-1: unknown) and the slot's
-        commit counter for *i* was *committed* before it.  A claim that got its
-        range ends committed: its records are kept if they were finished, else
-        the range becomes an ABANDONED record.  A rejected claim holds nothing.
-        Every step is idempotent, so a settle that is itself interrupted can run
-        again.  Returns False where only recovery can settle it (the outcome of
-        the fetch-and-add is unknown, or the claim crossed capacity and so must
-        close its fill): the caller then orphans the slot.
-        """
-        words = self.words
-        g = self.geometry
-        lease = g.lease(k)
-        intent_w = (lease + L.L_INTENT) // 8
-        at_w = (lease + L.L_AT) // 8
-        if not words[intent_w]:
-            return True
-        if old < 0:
-            return False
-        off = old >> L.OFFSET_SHIFT
-        if not self.claim_succeeded(old, size):
-            if not old & L.SEALED and off <= self.capacity:
-                return False  # the crossing claim: its fill waits for a closer
-            words[intent_w] = 0
-            self.reject(i, old)
-            return True
-        at = self.records_at[i] + off
-        words[at_w] = at
-        cw = g.commit(k, i) // 8
-        target = (committed + size) & L.WORD_MASK
-        if words[cw] != target:
-            end = at + size
-            # A stale claim (in a recycled buffer) is never data.
-            stale = words[self.fill_w[i]] != fill
-            first = at if stale else self.finished_prefix(at, end)
-            if first < end:
-                self.abandon(first, end - first)
-            words[cw] = target
-        words[at_w] = 0
-        words[intent_w] = 0
-        return True
 
     def claim_large(self, i: int, size: int) -> int:
         """Claim *size* bytes with compare-and-swap (no overshoot).  Returns the offset,
@@ -595,7 +710,7 @@ class Ring:
                     return j
         return -1
 
-    def _unreserve(self, j: int) -> None:
+    def unreserve(self, j: int) -> None:
         addr = self.state_addr[j]
         st = int(_load(addr, SEQ_CST))
         while True:
@@ -603,7 +718,7 @@ class Ring:
             if ok:
                 return
 
-    def _open(self, j: int) -> None:
+    def open_fill(self, j: int) -> None:
         """RESERVED|SEALED -> open with offset 0.  A compare-and-swap loop, because
         stale claims may still add to the (irrelevant) offset of the sealed word."""
         addr = self.state_addr[j]
@@ -642,7 +757,7 @@ class Ring:
                 # Checked again after reserving: the flusher's final drain either
                 # sees this buffer RESERVED (and waits) or we see CLOSING here (and
                 # back off), so no fill opens after the last drain.
-                self._unreserve(j)
+                self.unreserve(j)
                 return NO_SPACE
             fill = int(_fetch_add(self.base + L.H_FILL_COUNTER, 1, SEQ_CST))
             # Plain store, published by the lane CAS below (and by the open CAS to
@@ -650,20 +765,20 @@ class Ring:
             self.words[self.fill_w[j]] = fill
             installed, _ = _cas(self.lane_addr[lane], lane_word, L.lane_word(fill, j))
             if not installed:
-                self._unreserve(j)
+                self.unreserve(j)
                 return MOVED
             if _faults.ENABLED:
                 _faults.reached("rotate.installed")
-            self._open(j)
+            self.open_fill(j)
         except BaseException:
             # An exception (Ctrl-C, a signal handler) between reserving and
             # opening: finish or undo, so the buffer is not left RESERVED until
             # recovery notices.  Both steps are idempotent compare-and-swaps.
             if self.state(j) & L.RESERVED:
                 if installed:
-                    self._open(j)
+                    self.open_fill(j)
                 else:
-                    self._unreserve(j)
+                    self.unreserve(j)
             raise
         return MOVED
 
@@ -788,14 +903,19 @@ class Ring:
                 holder = words[(at + L.L_PID) // 8]
                 # A dead holder's slot is reusable once it has no claim in flight
                 # (its counters stay valid: the next holder keeps adding to them).
-                if holder and (
-                    not reclaim
-                    or words[(at + L.L_INTENT) // 8]
-                    or (
-                        not words[(at + L.L_FLAGS) // 8] & L.FLAG_ORPHANED
-                        and holder_alive(holder, words[(at + L.L_START) // 8])
+                if words[(at + L.L_CHUNK) // 8] or (
+                    holder
+                    and (
+                        not reclaim
+                        or words[(at + L.L_INTENT) // 8]
+                        or (
+                            not words[(at + L.L_FLAGS) // 8] & L.FLAG_ORPHANED
+                            and holder_alive(holder, words[(at + L.L_START) // 8])
+                        )
                     )
                 ):
+                    # Held, or still owing a chunk's tail (the flusher or
+                    # recovery returns it, then the slot comes free).
                     continue
                 self._taking = k
                 ok, _ = _cas(self.base + at + L.L_PID, holder, me)
@@ -828,6 +948,19 @@ class Ring:
         at = self.geometry.lease(k)
         _cas(self.base + at + L.L_PID, holder, 0)
 
+    def free_lease(self, k: int, holder: int) -> None:
+        """Recovery: free dead (or orphaned) holder *holder*'s slot *k* once
+        nothing it left matters any more (claim, marker and chunk settled)."""
+        at = self.geometry.lease(k)
+        words = self.words
+        # In this order: a thread that reclaims the slot checks the intent and
+        # the chunk, so by then it sees the position cleared too (TSO), and
+        # never has its own position overwritten.
+        words[(at + L.L_AT) // 8] = 0
+        words[(at + L.L_INTENT) // 8] = 0
+        words[(at + L.L_CHUNK) // 8] = 0
+        _cas(self.base + at + L.L_PID, holder, 0)
+
     def orphan_lease(self, k: int) -> None:
         """Give slot *k* up with whatever claim it has in flight: recovery settles
         it as if its holder had died (see _recovery), then frees the slot.  Used
@@ -836,6 +969,464 @@ class Ring:
         at = self.geometry.lease(k)
         self.words[(at + L.L_FLAGS) // 8] = L.FLAG_ORPHANED
         self.wake_flusher()
+
+
+class Writer:
+    """One thread's lease slot on a ring, and the chunk it appends into.
+
+    The writer side of the protocol, all of it: claiming a chunk, appending
+    records into it, committing them, returning the chunk's unused tail, and
+    settling whatever an exception left half-done.  The API layer, the tests
+    and the model check all go through these methods; the crash points sit in
+    them.
+
+    A chunk is a range of the lane's current fill claimed with one
+    fetch-and-add (``claim``).  Records go into it with plain stores only
+    (``put``).  The lease slot says where the writer is: ``L_AT`` holds its
+    position, with ``AT_BUSY`` set while it is inside an append, and
+    ``L_CHUNK`` names the chunk.  The position is stored *before* the check
+    that the fill is still unsealed; the flusher seals, then runs
+    ``membarrier(2)`` (``_fence``), then trusts a position without AT_BUSY and
+    takes the tail back (``Ring.return_chunks``).  Without the fence (fallback
+    mode) every chunk is exactly one claim, written while AT_BUSY is set, so
+    the flusher never has a tail to take: one fetch-and-add per record.
+
+    Held by one thread only (its thread-local); released when the thread ends
+    or its handle closes.  ``pending`` holds what the thread knew of a claim in
+    flight, for ``settle``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "at_w",
+        "buf",
+        "chunk_addr",
+        "chunk_w",
+        "commit_w",
+        "core",
+        "cw",
+        "cword",
+        "delta",
+        "end",
+        "fenced",
+        "holder",
+        "holder_w",
+        "intent_w",
+        "lane",
+        "lane_w",
+        "limit",
+        "pending",
+        "pid",
+        "pos",
+        "reservation",
+        "returning",
+        "seal_w",
+        "slot",
+        "target",
+        "view",
+        "words",
+    )
+
+    def __init__(self, core: Ring, slot: int) -> None:
+        g = core.geometry
+        self.core: Ring | None = core
+        self.slot = slot
+        self.pid = os.getpid()
+        # The slot's holder word, as acquire_lease stored it (this thread's).
+        self.holder = L.holder_word(self.pid, threading.get_native_id())
+        self.lane = slot % g.lanes
+        self.lane_w = core.lane_w[self.lane]
+        lease = g.lease(slot)
+        self.holder_w = (lease + L.L_PID) // 8
+        self.intent_w = (lease + L.L_INTENT) // 8
+        self.at_w = (lease + L.L_AT) // 8
+        self.chunk_w = (lease + L.L_CHUNK) // 8
+        self.chunk_addr = core.base + lease + L.L_CHUNK
+        self.commit_w = g.commit(slot, 0) // 8  # + buffer index
+        self.words = core.words
+        self.view = core.view
+        # Chunks need this process registered for the flusher's barrier.
+        self.fenced = core.fence_on and _fence.register()
+        # The chunk, as this thread knows it: mapping offsets of the next
+        # record and of the end (0: no chunk), its buffer, its commit counter,
+        # that counter minus the position (so the commit after a record ending
+        # at e is the plain store counter = e + delta), its L_CHUNK word.
+        self.pos = self.end = self.buf = self.cw = self.delta = self.cword = 0
+        # put()'s bound: the end, or 0 while something an exception left in
+        # flight is unsettled (every writer path's handler zeroes it first, so
+        # the fast path never runs over an unsettled append).
+        self.limit = 0
+        # The word put() checks for SEALED: the chunk's state word, or
+        # H_ZERO for a chunk whose claim has just succeeded (its first records
+        # need no check: AT_BUSY was set before L_CHUNK named the chunk, so the
+        # flusher cannot take it back meanwhile) and in fallback mode.
+        self.seal_w = core.zero_w
+        self.target = CHUNK_MIN
+        # (buffer, fetch-and-add result or -1, commit counter before, size, fill)
+        self.pending: tuple[int, int, int, int, int] | None = None
+        self.returning = False  # inside return_chunk's compare-and-swap
+        self.reservation: memoryview | None = None  # an open reserve() block's view
+
+    # -- appending -----------------------------------------------------------------
+
+    def put(self, data: Any, n: int, size: int) -> bool:
+        """Append one record of *n* payload bytes (*size* with header and
+        padding) into the chunk, with plain stores only.  False, with nothing
+        written, if it does not fit or the fill was sealed: then ``claim``.
+
+        On an exception the caller runs ``settle``: the record is then whole
+        in the ring or not there.
+        """
+        pos = self.pos
+        end = pos + size
+        limit = self.limit
+        if end > limit:
+            return False
+        # Armed until the append is done: an exception anywhere below, even
+        # one that keeps the caller's handler from running, sends the next
+        # call to the slow path, which settles this one first.
+        self.limit = 0
+        words = self.words
+        at_w = self.at_w
+        words[at_w] = pos | _BUSY  # "inside an append at pos", before the checks
+        # Sealed: the flusher may be taking the chunk back.  Chunk word gone:
+        # it did, and the buffer may hold a new, unsealed fill by now (read
+        # second: x86 keeps loads in order, and the flusher clears the chunk
+        # word before the fill can be taken, reset and reopened).
+        if words[self.seal_w] & L.SEALED or words[self.chunk_w] != self.cword:
+            words[at_w] = pos
+            self.limit = limit
+            return False
+        if _FAULTS:
+            _faults.reached("append.claimed")
+        view = self.view
+        view[pos + 8 : pos + 8 + n] = data
+        if _FAULTS:
+            _faults.reached("append.copied")
+        _pack(view, pos, n, _KIND_DATA, _MARK)  # the header last
+        if _FAULTS:
+            _faults.reached("append.headed")
+        words[self.cw] = end + self.delta  # the commit: after the bytes (TSO)
+        if _FAULTS:
+            _faults.reached("append.committed")
+        self.pos = end
+        words[at_w] = end
+        self.limit = limit
+        return True
+
+    def open_range(self, size: int) -> int:
+        """Enter an append of *size* bytes at the chunk's position without
+        writing it (``reserve``, batches): returns the mapping offset, or -1
+        (nothing done) if it does not fit or the fill was sealed.  The caller
+        writes the records, headers last, then calls ``commit_to``."""
+        pos = self.pos
+        if pos + size > self.limit:
+            return -1
+        self.limit = 0  # armed until commit_to, as in put
+        words = self.words
+        words[self.at_w] = pos | _BUSY
+        if words[self.seal_w] & L.SEALED or words[self.chunk_w] != self.cword:  # see put
+            words[self.at_w] = pos
+            self.limit = self.end
+            return -1
+        return pos
+
+    def room(self) -> int:
+        """Bytes left in the chunk (0 while something is unsettled)."""
+        return max(0, self.limit - self.pos)
+
+    def unsettled(self) -> bool:
+        """Did an exception leave something in flight that settle must see to?"""
+        core = self.core
+        return core is not None and (
+            self.limit != self.end
+            or self.pending is not None
+            or self.returning
+            or bool(core.words[self.intent_w])
+        )
+
+    def commit_to(self, end: int) -> None:
+        """Commit the records written from the position up to *end* (each
+        finished, header last) and leave the append.  Idempotent."""
+        words = self.words
+        words[self.cw] = end + self.delta
+        if _FAULTS:
+            _faults.reached("append.committed")
+        self.pos = end
+        words[self.at_w] = end
+        self.limit = self.end
+
+    def abandon_to(self, end: int) -> None:
+        """Turn the range from the position to *end* into an ABANDONED record
+        and commit it (a reserve() block that raised)."""
+        core = self._core()
+        core.abandon(self.pos, end - self.pos)
+        core.abandoned += 1
+        self.commit_to(end)
+
+    def fresh(self) -> None:
+        """The first records after ``claim`` have been written: from now on
+        put() checks that the fill is unsealed."""
+        if self.fenced:
+            self.seal_w = self._core().state_w[self.buf]
+
+    # -- claiming --------------------------------------------------------------------
+
+    def _core(self) -> Ring:
+        core = self.core
+        if core is None:
+            raise RingClosedError("this writer slot was given up")
+        return core
+
+    def claim(self, need: int, want: int, deadline: float | None) -> None:
+        """Return the current chunk, then claim a new one in this thread's lane
+        of at least *need* bytes: *want* (or the adaptive chunk size, if
+        larger) where the fill has room, else what is left of it.  The chunk
+        is installed AT_BUSY at its start: the caller writes its first
+        records (``put`` or ``open_range``) and calls ``fresh``.
+
+        Waits (rotation, space) as ``Ring.advance`` says; raises
+        RingClosedError, RingBrokenError, RingTimeoutError.
+        """
+        core = self._core()
+        self.limit = 0  # no fast path until a chunk is installed (see put)
+        self.return_chunk()
+        words = core.words
+        cap = core.capacity
+        while True:
+            core.check_status()
+            lane_word = words[self.lane_w]
+            i = lane_word & L.LANE_INDEX_MASK
+            if i >= core.geometry.buffers:
+                raise CorruptRingError(
+                    f"ring {core.name!r}: corrupt lane word {lane_word:#x} "
+                    "(buffer index out of range)"
+                )
+            fill = lane_word >> L.LANE_FILL_SHIFT
+            size = need
+            if self.fenced:
+                # Up to what is left of the fill (a plain load: a stale value
+                # only makes the claim cross, which closes the fill).
+                left = cap - (words[core.state_w[i]] >> L.OFFSET_SHIFT)
+                size = max(need, min(max(want, self.target), left, core.faa_limit))
+            committed = words[self.commit_w + i]
+            self.pending = (i, -1, committed, size, fill)
+            words[self.intent_w] = L.claim_intent(lane_word, size)
+            if size > core.faa_limit:
+                off = core.claim_large(i, size)
+                if off < 0:
+                    words[self.intent_w] = 0
+                    self.pending = None
+                    core.advance(self.lane, lane_word, deadline, self.intent_w)
+                    continue
+                old = off << L.OFFSET_SHIFT
+            else:
+                old = _fetch_add(core.state_addr[i], size << L.OFFSET_SHIFT, SEQ_CST)
+            self.pending = (i, old, committed, size, fill)
+            if core.claim_succeeded(old, size) and words[core.fill_w[i]] == fill:
+                self._install(core, i, old, committed, size, fill)
+                return
+            self._claim_failed(core, i, old, size, lane_word, deadline)
+
+    def _install(  # noqa: PLR0917  (the claim's whole state)
+        self, core: Ring, i: int, old: int, committed: int, size: int, fill: int
+    ) -> None:
+        """Make a successful claim this thread's chunk.  Idempotent (settle
+        repeats it after an interrupt)."""
+        words = core.words
+        off = old >> L.OFFSET_SHIFT
+        start = core.records_at[i] + off
+        # The position before the chunk word: a chunk is never seen with the
+        # position of the one before it.
+        words[self.at_w] = start | _BUSY
+        cword = L.claim_intent(L.lane_word(fill, i), off + size)
+        words[self.chunk_w] = cword
+        self.cword = cword
+        self.buf = i
+        self.cw = self.commit_w + i
+        self.delta = committed - start
+        self.pos = start
+        self.end = start + size
+        self.seal_w = core.zero_w
+        words[self.intent_w] = 0
+        self.pending = None
+        self.limit = self.end  # last: the fast path may use the chunk from here
+
+    def _claim_failed(  # noqa: PLR0917  (what claim already has)
+        self, core: Ring, i: int, old: int, size: int, lane_word: int, deadline: float | None
+    ) -> None:
+        """Settle a claim that cannot be used, then wait until the lane moves on.
+        ``pending`` describes the claim on entry, for settle."""
+        words = core.words
+        off = old >> L.OFFSET_SHIFT
+        if core.claim_succeeded(old, size):
+            # A valid claim, but in a fill that is not our lane's: we read the lane
+            # word, and the buffer was recycled into another lane's fill before our
+            # claim landed.  Writing there could reorder our records (I8): give the
+            # range up as an abandoned record, commit it, and move the lane on.
+            assert self.pending is not None
+            core.abandon(core.records_at[i] + off, size)
+            words[self.commit_w + i] = (self.pending[2] + size) & L.WORD_MASK
+            words[self.intent_w] = 0
+            self.pending = None
+            core.abandoned += 1
+            core.rotate(self.lane, lane_word, self.intent_w)
+            return
+        if not old & L.SEALED and off <= core.capacity:
+            # We crossed capacity: we close the fill.  The lease says so while we
+            # do: were we to die half-way, recovery finishes the close; an
+            # exception here orphans the slot for the same reason.
+            words[self.intent_w] = L.INTENT_SEALING | (i << 32)
+            self.pending = None
+            core.close_crossing(i, off)
+            words[self.intent_w] = 0
+        else:
+            words[self.intent_w] = 0
+            self.pending = None
+            core.reject(i, old)
+        core.advance(self.lane, lane_word, deadline, self.intent_w)
+
+    def return_chunk(self) -> None:
+        """Give the chunk's unused tail back: commit it (its bytes are zero:
+        padding in the file) unless the flusher took it first.  Idempotent."""
+        end = self.end
+        if not end:
+            return
+        core = self._core()
+        if core.words[self.seal_w] & L.SEALED or core.words[self.chunk_w] != self.cword:
+            self.target = CHUNK_MIN  # its fill was sealed early: the tail is padding
+        elif self.target < CHUNK_MAX:
+            self.target *= 2  # used up by this thread: claim more at a time
+        if self.pos < end:
+            # The flusher may be taking this tail right now (the fill is
+            # sealed): the compare-and-swap decides which of us commits it.
+            self.returning = True
+            ok, _ = _cas(self.chunk_addr, self.cword, self.cword | L.CHUNK_RETURNING)
+            if ok:
+                if _FAULTS:
+                    _faults.reached("chunk.returned")
+                core.words[self.cw] = end + self.delta
+                core.words[self.chunk_w] = 0
+            self.returning = False
+        else:
+            core.words[self.chunk_w] = 0  # nothing left for anyone to take
+        self.pos = self.end = self.limit = 0
+
+    # -- exceptions and release ----------------------------------------------------
+
+    def settle(self) -> None:
+        """Settle what an exception left in flight, from shared memory: keep
+        finished records, turn unfinished ones into an ABANDONED record, commit,
+        and leave the append.  Where this thread cannot tell how far it got,
+        orphan the slot (recovery settles it as a dead writer's)."""
+        core = self.core
+        if core is None or core.mm is None or self.pid != os.getpid():
+            return
+        words = core.words
+        if words[self.holder_w] != self.holder:
+            # Not ours any more (recovery freed it after this thread ended, and
+            # somebody else may hold it now): touch nothing.
+            self.core = None
+            return
+        if self.returning:
+            self.returning = False
+            chunk = words[self.chunk_w]
+            if chunk == self.cword:
+                self.return_chunk()  # the compare-and-swap did not happen
+            elif chunk == self.cword | L.CHUNK_RETURNING:
+                words[self.cw] = self.end + self.delta  # ours: finish it
+                words[self.chunk_w] = 0
+            # else 0: done, by this thread or by the flusher
+            self.pos = self.end = self.limit = 0
+        if words[self.intent_w] and not self._settle_claim(core):
+            self._orphan(core)
+            return
+        self.pending = None
+        if self.end and words[self.at_w] & _BUSY:
+            self._settle_chunk(core)
+        if self.core is not None:
+            self.limit = self.end
+
+    def _settle_claim(self, core: Ring) -> bool:
+        """Settle the claim in flight (the intent is set).  False where only
+        recovery can: the fetch-and-add's result is unknown, or the claim
+        crossed capacity and so must close its fill, or a marker (sealing,
+        rotating) was left."""
+        pending = self.pending
+        if pending is None:
+            return False
+        i, old, committed, size, fill = pending
+        words = core.words
+        if old < 0:
+            return False
+        off = old >> L.OFFSET_SHIFT
+        if not core.claim_succeeded(old, size):
+            if not old & L.SEALED and off <= core.capacity:
+                return False  # the crossing claim: its fill waits for a closer
+            words[self.intent_w] = 0
+            core.reject(i, old)
+            return True
+        if words[core.fill_w[i]] != fill:
+            core.abandon(core.records_at[i] + off, size)  # a stale claim: never data
+            words[self.commit_w + i] = (committed + size) & L.WORD_MASK
+            words[self.intent_w] = 0
+            return True
+        # A chunk installed or about to be: finish installing it; its first
+        # append then settles below like any other.
+        self._install(core, i, old, committed, size, fill)
+        return True
+
+    def _settle_chunk(self, core: Ring) -> None:
+        """The append at the position (AT_BUSY) was interrupted."""
+        words = core.words
+        at = words[self.at_w] & ~_BUSY
+        end = self.end
+        if at % 8 or not core.records_at[self.buf] <= at <= end:
+            self._orphan(core)  # not a position this thread stored
+            return
+        first = core.finished_prefix(at, end)
+        u8 = core.bytes_view()
+        # Past the finished records: zero bytes are padding and the chunk goes
+        # on; anything else is a record cut short.  In fallback mode a chunk is
+        # one claim and never stays open past its append.
+        if first < end and (u8[first:end].any() or not self.fenced):
+            if u8[first:end].any():
+                core.abandon(first, end - first)
+            first = end
+        self.commit_to(first)
+        self.fresh()
+
+    def _orphan(self, core: Ring) -> None:
+        self.pending = None
+        core.orphan_lease(self.slot)  # idempotent; first, so nothing leaks
+        self.core = None  # the slot is recovery's now: never release it
+        self.pos = self.end = self.limit = 0
+
+    def release(self) -> None:
+        """Give the slot back: settle, return the chunk, free the slot."""
+        view, self.reservation = self.reservation, None
+        if view is not None:
+            # The handle closes under an open reserve() block: its owner may not
+            # write there any more (the claim is settled as abandoned).
+            view.release()
+        self.settle()
+        core = self.core
+        if core is not None and core.mm is not None and self.pid == os.getpid():
+            self.return_chunk()
+            # A compare-and-swap from this slot's own holder word: repeating it
+            # (a release interrupted and run again) never frees a slot that
+            # another thread has taken since.
+            core.release_lease(self.slot, self.holder)
+        self.core = None
+
+    def __del__(self) -> None:
+        # Never raises: CPython would only print the exception, from whatever
+        # code the collector interrupted.  A KeyboardInterrupt that lands here
+        # is lost the same way; the slot's claim is then recovery's to settle.
+        try:  # noqa: SIM105  (not suppress(): no __exit__ call for an exception to hit)
+            self.release()
+        except BaseException:
+            pass
 
 
 def holder_alive(holder: int, started: int) -> bool:

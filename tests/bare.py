@@ -68,16 +68,19 @@ def dead_pid() -> int:
 
 
 def dead_claim(core: Core, k: int, lane_word: int, size: int) -> int:
-    """Give lease slot *k* to a dead process with a claim of *size* bytes in the
-    lane's fill, and make the claim; returns its byte offset in the mapping."""
-    from shmflush import _atomic
+    """Give lease slot *k* to a writer that claims a chunk of exactly *size*
+    bytes in its lane's fill (*lane_word* names it) with the production code
+    (``Writer.claim``), then dies before writing any of it; returns the chunk's
+    byte offset in the mapping."""
+    from shmflush._ring import Writer
 
-    i = lane_word & L.LANE_INDEX_MASK
     lease = core.geometry.lease(k)
+    writer = Writer(core, k)
+    core.words[(lease + L.L_PID) // 8] = writer.holder
+    assert core.words[writer.lane_w] == lane_word, "slot k does not claim in that lane"
+    writer.target = 0  # exactly *size*: no larger chunk
+    writer.claim(size, size, None)
+    at = writer.pos
+    writer.core = None  # it dies: nothing is released
     core.words[(lease + L.L_PID) // 8] = dead_pid()
-    core.words[(lease + L.L_INTENT) // 8] = L.claim_intent(lane_word, size)
-    old = _atomic.fetch_add(core.state_addr[i], size << 32, 5)
-    at = core.records_at[i] + (old >> 32)
-    # As a writer does: the offset is in the lease before any byte is written.
-    core.words[(lease + L.L_AT) // 8] = at
     return at

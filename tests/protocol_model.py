@@ -121,7 +121,6 @@ from typing import Any
 
 from shmflush import _format
 from shmflush import _layout as L
-from shmflush._api import _FILL_TAG
 from shmflush._ring import MOVED, NO_SPACE, NOT_DONE
 
 SEALED = L.SEALED
@@ -499,7 +498,7 @@ class Model:
         elif pc == "lane":
             frame = ("intent", rec, m[LANES][lane], 0, None)
         elif pc == "intent":
-            self._set(m, INTENT, w, ((fill & _FILL_TAG) << 32) | size)
+            self._set(m, INTENT, w, L.claim_intent(fill, size))
             frame = ("faa", rec, lw, 0, None)
         elif pc == "faa":
             old = m[ST][i]

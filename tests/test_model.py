@@ -15,7 +15,7 @@ Findings pinned here (details in the test docstrings):
   stays as one model configuration (expected to stall), and
   test_real_reject_does_not_seal_the_next_fill replays the model's trace on the
   real code.
-* seq is not monotonic in file order: _close_fill takes the address and the seq
+* seq is not monotonic in file order: close_extent takes the address and the seq
   with two fetch-and-adds, so two closers can interleave them (docs/format.md
   says so).
 
@@ -37,7 +37,8 @@ from protocol_model import MUTANTS, Config, InvariantError, Result, explore
 import shmflush
 from shmflush import _atomic, _proc
 from shmflush import _layout as L
-from shmflush._api import Ring, _ThreadSlot
+from shmflush._api import Ring
+from shmflush._ring import Writer
 from shmflush._flusher import Flusher
 from shmflush._ring import Ring as Core
 
@@ -236,7 +237,7 @@ def test_reductions_keep_behaviour(cfg: Config, record_property: RecordProperty)
 
 def test_seq_is_not_promised_in_file_order() -> None:
     """docs/format.md promises seq only as informative: two closers (two lanes)
-    can interleave _close_fill's fetch-and-adds on next_address and next_seq, so
+    can interleave close_extent's fetch-and-adds on next_address and next_seq, so
     the fill with the lower address can get the higher seq.  The model finds it."""
     r = explored(next(c for c, _ in LIVE if c.name == "2lanes-cross"))
     assert r.seq_inversions
@@ -288,16 +289,16 @@ def test_real_reject_does_not_seal_the_next_fill(ring_name: str, tmp_path: Path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     ring = Ring(core)
     flusher = Flusher(core, fd)
-    a: _ThreadSlot | None = None
+    a: Writer | None = None
     try:
         cap = core.capacity
         ring.append(b"a" * (cap - 24))  # fill 1: [0, cap - 16)
         c = ring._slot()  # the crossing writer: this thread
-        a = _ThreadSlot(core, core.acquire_lease())  # writer A, same lane
+        a = Writer(core, core.acquire_lease())  # writer A, same lane
         lane_word = core.words[core.lane_w[0]]
         i = lane_word & L.LANE_INDEX_MASK
         fill = lane_word >> L.LANE_FILL_SHIFT
-        # Ring.append's fast path, for C then A: intent, fetch-and-add.
+        # Writer.claim's first steps, for C then A: intent, fetch-and-add.
         core.words[c.intent_w] = (fill << 32) | 24
         old_c = _atomic.fetch_add(core.state_addr[i], 24 << 32, _atomic.SEQ_CST)
         core.words[a.intent_w] = (fill << 32) | 16
@@ -305,7 +306,7 @@ def test_real_reject_does_not_seal_the_next_fill(ring_name: str, tmp_path: Path)
         assert old_c >> 32 <= cap < (old_c >> 32) + 24  # C crossed capacity
         assert not old_a & L.SEALED  # A: reject() ahead
         assert old_a >> 32 > cap
-        # C: _claim_failed = clear intent, close_crossing, advance; the flusher
+        # C: Writer._claim_failed = clear intent, close_crossing, advance; the flusher
         # runs between C's close and C's rotation.
         core.words[c.intent_w] = 0
         core.close_crossing(i, old_c >> 32)
@@ -314,8 +315,8 @@ def test_real_reject_does_not_seal_the_next_fill(ring_name: str, tmp_path: Path)
         core.advance(c.lane, lane_word, None, c.intent_w)
         assert core.words[core.lane_w[0]] == L.lane_word(fill + 1, i)  # same buffer
         ring.append(b"c" * 16)  # C's record, retried in fill 2: returns
-        # A resumes: _claim_failed -> reject(i, old_a) -> advance.
-        ring._claim_failed(a, i, old_a, 16, lane_word, None)
+        # A resumes: Writer._claim_failed -> reject(i, old_a) -> advance.
+        a._claim_failed(core, i, old_a, 16, lane_word, None)
         # The owner's close(): the flusher seals everything and drains.
         for _ in range(3):
             flusher.seal_due(0.0, closing=True)

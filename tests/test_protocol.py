@@ -50,7 +50,7 @@ def test_flush_waits_for_the_file_address(bare: Bare) -> None:
     bare.flusher.take_ready()
     assert bare.flusher.pending == []
     # Closing it (as the sealer would) makes it eligible.
-    bare.core._close_fill(i, bare.core.state(i) >> 32)
+    bare.core.close_extent(i, bare.core.state(i) >> 32)
     _atomic.fetch_or(bare.core.state_addr[i], L.CLOSED, 5)
     bare.flush()
     assert bare.records() == [b"x" * 10]
@@ -118,7 +118,7 @@ def test_stale_claim_in_recycled_buffer_is_abandoned_and_buffer_freed(
         assert core.rotate(1, lw1, core.geometry.lease(15) // 8 + 4) == MOVED
         assert core.words[core.lane_w[1]] & L.LANE_INDEX_MASK == x
         for j in others:
-            core._unreserve(j)
+            core.unreserve(j)
         # Lane 0's word is now stale: (old fill, x) while x holds lane 1's fill.
         assert core.words[core.lane_w[0]] == lw0
         b.ring.append(b"second")

@@ -158,7 +158,7 @@ def test_recovery_never_commits_the_claim_of_a_live_writer_with_a_stale_lane_wor
 def test_a_dead_claim_is_settled_whether_or_not_its_offset_reached_the_lease(
     bare: Bare, known: bool
 ) -> None:
-    # A writer killed between its fetch-and-add and storing the offset wrote
+    # A writer killed between its fetch-and-add and installing its chunk wrote
     # nothing: its range is zero padding, committed by the flusher's row.
     core = bare.core
     bare.ring.append(b"before")
@@ -168,7 +168,12 @@ def test_a_dead_claim_is_settled_whether_or_not_its_offset_reached_the_lease(
     if known:
         core.view[at + 8 : at + 20] = b"half-written"
     else:
-        core.words[(core.geometry.lease(9) + L.L_AT) // 8] = 0
+        # Killed between its fetch-and-add and installing the chunk: the intent
+        # is all its lease says.
+        lease = core.geometry.lease(9)
+        core.words[(lease + L.L_CHUNK) // 8] = 0
+        core.words[(lease + L.L_AT) // 8] = 0
+        core.words[(lease + L.L_INTENT) // 8] = L.claim_intent(lane_word, _format.record_size(40))
     bare.ring.append(b"after")
     core.seal(i)
     recovery = Recovery(core)
