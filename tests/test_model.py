@@ -38,9 +38,9 @@ import shmflush
 from shmflush import _atomic, _proc
 from shmflush import _layout as L
 from shmflush._api import Ring
-from shmflush._ring import Writer
 from shmflush._flusher import Flusher
 from shmflush._ring import Ring as Core
+from shmflush._ring import Writer
 
 REJECT_WEDGE = (
     "the old Ring.reject (fetch_or) sealed the buffer's current fill, which may be a later "
