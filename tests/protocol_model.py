@@ -362,6 +362,10 @@ class Model:
             raise ValueError("syncs, stops and the chunk mutants need chunk mode")
         if self.chunked and cfg.mutant and cfg.mutant not in CHUNK_MUTANTS:
             raise ValueError(f"mutant {cfg.mutant!r} is a protocol v2 one")
+        #: the reduction "a sealed word's offset is dead": not in chunk mode, where
+        #: the claim's width comes from a plain load of the offset, which may be
+        #: a sealed (or idle, reserved) word's that reopens before the claim lands
+        self.dead_sealed_offset = cfg.reduce and not self.chunked
         #: transitions that return a chunk's tail, by who: "writer", "sealer", "flusher"
         self.events: Counter[str] = Counter()
         # Steps that commute with every step of every other actor: executed at once,
@@ -564,6 +568,7 @@ class Model:
             rec = m[WRITERS][w][1]
             m[WRITERS] = _put(m[WRITERS], w, ("stopped", rec, 0, 0, None))
             m[STOPS] += 1
+            self.events["stop"] += 1
         elif kind == "D":
             w = tag[1]
             rec = m[WRITERS][w][1]
@@ -599,7 +604,7 @@ class Model:
 
     def _wstore(self, m: list[Any], w: int | None, loc: tuple[Any, ...], val: Any) -> None:
         """A plain store by writer *w* (None: the flusher, modelled SC)."""
-        if w is None or not self.tso:
+        if w is None or not self.tso or not self.cfg.sb_depth:
             self._mem_write(m, loc, val)
             return
         if len(m[SBUF][w]) >= self.cfg.sb_depth:
@@ -735,7 +740,7 @@ class Model:
         """Write buffer i's state word.  Reduced: a sealed word's offset is dead (every
         reader of a sealed word looks at its flags only; a CAS that fails because a
         claim moved only the offset just retries), so it is kept at 0."""
-        if word & SEALED and self.cfg.reduce:
+        if word & SEALED and self.dead_sealed_offset:
             word &= L.FLAG_MASK
         m[ST] = _put(m[ST], i, word)
 
@@ -792,7 +797,7 @@ class Model:
             frame = ("faa", rec, lw, 0, None)
         elif pc == "faa":
             old = m[ST][i]
-            if not (old & SEALED and self.cfg.reduce):
+            if not (old & SEALED and self.dead_sealed_offset):
                 self._store(m, i, (old + L.claim_delta(size)) & MASK64)
             off = old >> SHIFT
             if not old & SEALED and off + size <= self.cap:
@@ -983,7 +988,7 @@ class Model:
         elif pc == "faa":  # (the intent store before it: nobody reads it, not modelled)
             width = sub
             old = m[ST][i]
-            if not (old & SEALED and self.cfg.reduce):
+            if not (old & SEALED and self.dead_sealed_offset):
                 self._store(m, i, (old + L.claim_delta(width)) & MASK64)
             off = old >> SHIFT
             if not old & SEALED and off + width <= self.cap:
@@ -1442,8 +1447,11 @@ class Model:
             for entry in s[PEND][w]:
                 if entry[0] == "carve":
                     _, i, off, _size, rec = entry
-                    rest = any(
-                        c[0] == off and c[3] == w and c[4] == CHUNK_REST and c[2] == CLAIMED
+                    rest = any(  # the chunk's rest, not carved up to off yet
+                        c[0] <= off < c[0] + c[1]
+                        and c[3] == w
+                        and c[4] == CHUNK_REST
+                        and c[2] == CLAIMED
                         for c in s[CELLS][i]
                     )
                     if rest and not written[i]:
