@@ -294,10 +294,10 @@ MUTANTS = {
     "no-zero": "I7",  # a buffer is reused without zeroing: stale records read as live
     "no-recheck": "I5",  # rotate() does not re-check CLOSING after reserving
     # protocol v3 (chunk mode)
-    "no-fence": "I7",  # return_chunks without membarrier: a record lands in a returned tail
-    "return-busy": "I7",  # the flusher returns a chunk whose A_k is BUSY
-    "no-seal-check": "I7",  # put() does not load the state word after A_k = BUSY
-    "double-return": "I2",  # the writer returns its tail without the CAS on C_k
+    "no-fence": "I2",  # return_chunks without membarrier: a tail returned over a record
+    "return-busy": "I2",  # the flusher returns a chunk whose A_k is BUSY
+    "no-seal-check": "I2",  # put() does not load the state word after A_k = BUSY
+    "double-return": "I2",  # the writer returns its tail without the CAS on C_k: twice
 }
 #: the mutants that need chunk mode
 CHUNK_MUTANTS = frozenset({"no-fence", "return-busy", "no-seal-check", "double-return"})
@@ -964,10 +964,9 @@ class Model:
                     frame = self._return_own(m, w, rec, "r_cas", "lane")
         elif pc == "p_sealed":  # put(), step 3: load state_i (and D_FILL: the fix)
             ch = m[CHL][w]
-            moved = (
-                self.cfg.put_fill_check
-                and self._wload(m, w, ("FW", ch[0])) & 0xFFFF != L.intent_fill_tag(ch[3])
-            )
+            moved = self.cfg.put_fill_check and self._wload(
+                m, w, ("FW", ch[0])
+            ) & 0xFFFF != L.intent_fill_tag(ch[3])
             if m[ST][ch[0]] & SEALED or moved:
                 self._pend(m, w, (("A", w), ch[1]))  # not BUSY; return the chunk
                 frame = ("r_cas", rec, 0, 0, None)
