@@ -34,7 +34,81 @@ non-empty fill (time-based seal: time is abstracted away), take any ready fill,
 flush what it took, check ``all_idle`` once the owner is closing; a superset of
 its real pass order.  The owner closes (sets CLOSING) once every writer is done,
 or at any moment with ``close_race``.  A run *finishes* when the flusher has
-drained and stopped and every writer is done.
+drained and stopped, every writer is done (or stopped) and every store buffer
+is empty.
+
+Protocol v3: chunk claims and the fence (``Config.chunk``)
+-----------------------------------------------------------
+``chunk=None`` is protocol v2 as above: one claim per record, sequentially
+consistent.  ``chunk=0`` is v3's fallback (want = need: each chunk is one
+record, written under the install's BUSY; no membarrier, so the flusher returns
+no chunks); ``chunk=n`` is v3's fence mode with ``want = n`` bytes.  Both follow
+notes/chunks.md, which the lead implements in _api.py/_ring.py/_flusher.py:
+
+* more shared words per slot: A_k (``AT``: the writer's offset in the record
+  area, ``| BUSY`` inside an append) and C_k (``CHUNKW``:
+  ``L.claim_intent(lane_word, end)``, read back with ``L.intent_buffer``,
+  ``L.intent_fill_tag`` and ``INTENT_SIZE_MASK``), and a row R of commit
+  counters (index ``writers``) for the flusher's returns;
+* the writer's Python locals ``(i, pos, end, c)`` (``CHL``); delta is implicit:
+  a commit stores the writer's own view of its counter plus the bytes;
+* claim: lane word, a plain load of the state word's offset for
+  ``w = min(want, capacity - off)`` (or need when that is less than need), the
+  fetch-and-add, D_FILL; success installs (A_k = start | BUSY, C_k) and writes
+  the first record without the SEALED check; crossing, rejected and stale fill
+  as in v2 (the stale claim becomes one ABANDONED record of w bytes);
+* put: A_k = pos | BUSY, load the state word, payload+header, counter,
+  A_k = pos + s; on SEALED: A_k = pos, then the slow path;
+* slow path step a: CAS(C_k, c -> 0) when the tail is not empty, and if it won
+  commit the tail (padding, cell kind PAD); a plain C_k = 0 when it is empty;
+* a writer may sync (``Config.syncs`` times) between appends: read the lane
+  word, ``seal`` (fetch-or; it closes the fill if it sealed it), then return
+  its own chunk (step a);
+* a writer may stop for good between appends (``Config.stops``): not BUSY, it
+  holds nothing up, so progress is still required;
+* the flusher's return_chunks: the candidates (one snapshot: see
+  ``Model._candidates``), the fence, then per candidate a re-load of A_k and the
+  CAS on C_k with the commit of the tail in row R (one step: only the flusher
+  reads row R).
+
+The model's own finding: put()'s step 3 as written (SEALED only) lets a writer
+preempted between appends write into a reopened buffer: the flusher returned
+its chunk's tail, the fill was written, the buffer reset and reopened, and the
+state word reads unsealed again.  ``Config.put_fill_check`` (default) models the
+fix: step 3 also compares D_FILL (same cache line) with the chunk's fill tag.
+The state and D_FILL loads are one step: for the writer to see a fill number
+other than the one the state word belongs to, that fill must be taken in
+between, and it cannot be while A_k is BUSY and C_k names it (the fence makes
+the BUSY visible to return_chunks before its re-load).
+
+Memory model (chunk mode): x86-TSO for the writers
+----------------------------------------------------
+Every plain store of a writer to a shared word (A_k, C_k, the commit counters,
+a record's payload and header, an ABANDONED header, D_FILL in rotate, D_USED /
+D_ADDRESS / D_SEQ in close) goes into the writer's FIFO store buffer
+(``SBUF``, at most ``Config.sb_depth`` entries: a store into a full buffer first
+drains the oldest, a bound of the model); the writer's own loads read its
+newest buffered store to the same word first (store forwarding); a transition
+``("B", w)`` commits the oldest buffered store to memory; a locked instruction
+of the writer (fetch-and-add, CAS, fetch-or) drains its whole buffer first; the
+flusher's fence (membarrier) drains every writer's buffer in one transition.
+Everyone else's loads read memory.  Loads are not reordered with loads, nor
+stores with stores (TSO).  The flusher and the owner are modelled SC: the
+flusher's few plain stores (row R, base, reset, its closes) are either its own
+words or followed by its atomics before anyone can read them.  Claim intents
+are not stored in chunk mode, and rotate's INTENT_ROTATING marker is stored
+directly, as in v2: nobody reads intents without deaths and recovery, so when
+they reach memory changes no one's behaviour.  ``sb_depth=0`` makes the
+writers SC too.
+
+A writer step ends with at most one load or locked instruction; the plain
+stores that come before it in program order are put into the buffer at the
+start of that step (``PEND`` holds them meanwhile), never at the end of the
+step before: issuing a store is invisible to everyone but the writer, so
+issuing it later loses nothing (a drain can follow at once), but issuing it
+earlier could let a fence drain a store that the program issues after it.
+I7 counts a returned record whose DATA store is still in the buffer or in
+``PEND``.
 
 Not modelled: semaphores and sleeps (every wait has a timeout, so a wait is a
 retry), ``H_WAITERS``, heartbeats, I/O errors and ``STATUS_BROKEN``, the
@@ -42,8 +116,10 @@ flusher's or the owner's death and the flusher restart (``resume``, and the
 ``D_DURABLE`` / ``D_EXTENT_OF`` words, which only a restarted flusher or recovery
 reads), dead-writer recovery (shmflush/_recovery.py: it never touches a live
 lease, so it does nothing in runs without deaths; ``Config.recovery`` is the
-switch for modelling it, see ``Model._recovery_tags``), ``sync()`` (and its
-``INTENT_SEALING``), ``claim_large`` (every modelled claim is below
+switch for modelling it, see ``Model._recovery_tags``; and deaths in chunk
+mode), v2's ``sync()`` (and ``INTENT_SEALING``; in chunk mode its seal and own
+return are modelled, not its wait for durability), the writer's exception
+handlers (settling from A_k), the adaptive ``want``, ``claim_large`` (every modelled claim is below
 ``faa_limit``), batches (``append_many``/``append_array`` claim a larger size and
 commit once: the same transitions), ``reserve()``, lease acquisition, fdatasync
 (a write is durable at once), the write thread pool (each fill has its own
@@ -62,26 +138,42 @@ model (one step per access) reaches the same final files and verdicts.
 * A fetch-and-add on a *sealed* state word leaves the model's word alone, and a
   sealed word's offset is kept at 0: every reader of a sealed word looks only at
   its flags, and a CAS that fails only because a claim moved the offset retries.
+  Not in chunk mode: a claim's width comes from a plain load of the offset,
+  which may be a sealed word's that reopens before the claim lands.
 * A load followed by a CAS of the same word in a retry loop (``_reserve``,
   ``_unreserve``, ``_open``, ``reset``; seal_due's load before ``seal``'s
   fetch-or) is one step: a failed CAS leads to what a later load would have.
+  Under TSO a writer's CAS is merged into the step before it only when its
+  store buffer (and PEND) is empty, so that its drain changes nothing.
 * Plain stores nobody reads in the modelled runs (intents, without deaths; the
   extent stores before CLOSED; the base), the record's payload and header
   stores (without deaths), reads of ``status`` while nobody can change it (no
   close race), and the fill counter's fetch-and-add (it only renames fills).
+  Under TSO: the extent stores still go through the buffer (they are read only
+  after CLOSED, whose fetch-or drains them); payload and header are one
+  buffered store (adjacent in the FIFO; only the take's check would tell
+  PAYLOAD from CLAIMED, and it rejects both); the fill counter's fetch-and-add
+  merges only with an empty buffer, as above; ``status`` is not merged when a
+  writer may sync or stop (they happen at it).
 * take_ready's CAS, the write and the reset's zeroing are one step with the
   reset's CAS, done once the fill is ready: writers cannot tell FLUSHING from
   SEALED|CLOSED, the base and the file are the flusher's alone, and a ready
   fill stays ready (its commit counters cannot pass ``used``).  Its reads of
   ``used``, the counters and the base are one snapshot: the counters only grow
-  and never pass ``used``, so a snapshot that says "ready" is right.
+  and never pass ``used``, so a snapshot that says "ready" is right.  Under
+  TSO the writers' counters in memory still only grow, and a counter store
+  drains after the record's stores before it (FIFO).
 
 Invariants (design notes, section 4), and where they are checked
 ------------------------------------------------------------------
 * I1 at every successful claim: its range lies in [0, capacity) of one buffer and
   overlaps no other live claim there.
 * I2 when the flusher takes a fill and when it writes it: SEALED|CLOSED, and the
-  claims tile [0, used) with complete (DATA or ABANDONED) records.
+  claims tile [0, used) with complete (DATA or ABANDONED) records and returned
+  tails (PAD).  In chunk mode also: a tail is returned once, only over the
+  chunk's unwritten rest (never over a record), no record is written into a
+  returned tail; and in every state a closed fill's commit counters never pass
+  its ``used`` (take_ready's sum test relies on it).
 * I3 at every close and write: one close per fill, a 4 KiB-aligned address that
   was handed out, the flusher writes the extent the closer stored, segments never
   overlap; at the end, the segments tile [0, next_address) (no holes).

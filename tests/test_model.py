@@ -15,6 +15,13 @@ Findings pinned here (details in the test docstrings):
   stays as one model configuration (expected to stall), and
   test_real_reject_does_not_seal_the_next_fill replays the model's trace on the
   real code.
+* protocol v3 (notes/chunks.md), put()'s step 3 tests only SEALED: a writer
+  preempted between appends with a chunk whose tail the flusher returned
+  writes its next record into the buffer's next fill once the buffer is reset
+  and reopened (the state word reads unsealed again).  The model checks the fix
+  (step 3 also compares D_FILL with the chunk's fill);
+  test_put_without_the_fill_check_writes_into_a_reopened_buffer pins the spec
+  as written.
 * seq is not monotonic in file order: _close_fill takes the address and the seq
   with two fetch-and-adds, so two closers can interleave them (docs/format.md
   says so).
@@ -149,11 +156,15 @@ if DEEP:
         (Config("deep-2lanes-timed", ((16, 16), (16, 8)), lanes=2, buffers=3, max_fills=4), False),
         (Config("deep-close-race", ((16,), (16,)), close_race=True, max_fills=3), False),
         (
-            Config("deep-chunk-close-race", ((8, 8), (8,)), chunk=CHUNK, close_race=True),
+            Config(
+                "deep-chunk-close-race", ((8, 8), (8,)), chunk=CHUNK, close_race=True, max_fills=2
+            ),
             False,
         ),
         (
-            Config("deep-chunk-2lanes", ((8, 8), (8, 8)), chunk=CHUNK, lanes=2, buffers=3),
+            Config(
+                "deep-chunk-2lanes", ((8, 8), (8, 8)), chunk=CHUNK, lanes=2, buffers=3, max_fills=3
+            ),
             False,
         ),
         (Config("deep-chunk-sync", ((8, 8), (8,)), chunk=CHUNK, syncs=1, max_fills=2), False),
@@ -163,10 +174,23 @@ if DEEP:
             False,
         ),
         (
-            Config("deep-chunk-sync-stop", ((8, 8), (8,)), chunk=CHUNK, syncs=1, stops=1),
+            Config(
+                "deep-chunk-sync-stop", ((8, 8), (8,)), chunk=CHUNK, syncs=1, stops=1, max_fills=2
+            ),
             False,
         ),
-        (Config("deep-chunk-sb3", ((8, 8), (8,)), chunk=CHUNK, syncs=1, sb_depth=3), False),
+        (
+            Config(
+                "deep-chunk-sb3",
+                ((8, 8), (8,)),
+                chunk=CHUNK,
+                syncs=1,
+                timed_seal=False,
+                sb_depth=3,
+                max_fills=2,
+            ),
+            False,
+        ),
     ]
     DEATHS += [(Config("deep-deaths-timed", ((16,), (16,)), max_fills=3, deaths=1), True)]
 
@@ -324,13 +348,15 @@ def test_chunk_tails_are_returned_by_writer_sealer_and_flusher() -> None:
 
 
 def test_put_without_the_fill_check_writes_into_a_reopened_buffer() -> None:
-    """notes/chunks.md's put(), step 3, tests only SEALED.  A writer that rests
-    between appends (here: after a sync) holds a chunk whose tail the flusher
-    returns; the fill is written, the buffer reset and reopened for the next fill;
-    the writer's next put sees an unsealed state word and writes into its old
-    chunk's range, now part of another fill: the record is lost.  The model's
-    default (put_fill_check) also compares D_FILL, in the state word's cache line,
-    with the chunk's fill, and passes (chunk-sync-stop above)."""
+    """notes/chunks.md's put(), step 3, tests only SEALED.  Writer A is preempted
+    between two appends (before its next put stores A_k = BUSY), holding a chunk
+    with a tail.  Writer B's sync seals and closes the fill; the flusher returns
+    A's tail (A_k is not BUSY), writes the fill and resets the buffer; B's
+    rotation reopens it for the next fill.  A resumes: BUSY, the state word reads
+    unsealed, and A writes its record into its old chunk's range, now part of the
+    next fill, which nobody claimed there: the returned record is lost (I7).  The
+    model's default (put_fill_check) also compares D_FILL, in the state word's
+    cache line, with the chunk's fill, and passes (chunk-sync-stop above)."""
     cfg = Config(
         "chunk-sync-spec",
         ((8, 8), (8,)),
