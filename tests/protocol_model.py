@@ -34,7 +34,81 @@ non-empty fill (time-based seal: time is abstracted away), take any ready fill,
 flush what it took, check ``all_idle`` once the owner is closing; a superset of
 its real pass order.  The owner closes (sets CLOSING) once every writer is done,
 or at any moment with ``close_race``.  A run *finishes* when the flusher has
-drained and stopped and every writer is done.
+drained and stopped, every writer is done (or stopped) and every store buffer
+is empty.
+
+Protocol v3: chunk claims and the fence (``Config.chunk``)
+-----------------------------------------------------------
+``chunk=None`` is protocol v2 as above: one claim per record, sequentially
+consistent.  ``chunk=0`` is v3's fallback (want = need: each chunk is one
+record, written under the install's BUSY; no membarrier, so the flusher returns
+no chunks); ``chunk=n`` is v3's fence mode with ``want = n`` bytes.  Both follow
+notes/chunks.md, which the lead implements in _api.py/_ring.py/_flusher.py:
+
+* more shared words per slot: A_k (``AT``: the writer's offset in the record
+  area, ``| BUSY`` inside an append) and C_k (``CHUNKW``:
+  ``L.claim_intent(lane_word, end)``, read back with ``L.intent_buffer``,
+  ``L.intent_fill_tag`` and ``INTENT_SIZE_MASK``), and a row R of commit
+  counters (index ``writers``) for the flusher's returns;
+* the writer's Python locals ``(i, pos, end, c)`` (``CHL``); delta is implicit:
+  a commit stores the writer's own view of its counter plus the bytes;
+* claim: lane word, a plain load of the state word's offset for
+  ``w = min(want, capacity - off)`` (or need when that is less than need), the
+  fetch-and-add, D_FILL; success installs (A_k = start | BUSY, C_k) and writes
+  the first record without the SEALED check; crossing, rejected and stale fill
+  as in v2 (the stale claim becomes one ABANDONED record of w bytes);
+* put: A_k = pos | BUSY, load the state word, payload+header, counter,
+  A_k = pos + s; on SEALED: A_k = pos, then the slow path;
+* slow path step a: CAS(C_k, c -> 0) when the tail is not empty, and if it won
+  commit the tail (padding, cell kind PAD); a plain C_k = 0 when it is empty;
+* a writer may sync (``Config.syncs`` times) between appends: read the lane
+  word, ``seal`` (fetch-or; it closes the fill if it sealed it), then return
+  its own chunk (step a);
+* a writer may stop for good between appends (``Config.stops``): not BUSY, it
+  holds nothing up, so progress is still required;
+* the flusher's return_chunks: the candidates (one snapshot: see
+  ``Model._candidates``), the fence, then per candidate a re-load of A_k and the
+  CAS on C_k with the commit of the tail in row R (one step: only the flusher
+  reads row R).
+
+The model's own finding: put()'s step 3 as written (SEALED only) lets a writer
+preempted between appends write into a reopened buffer: the flusher returned
+its chunk's tail, the fill was written, the buffer reset and reopened, and the
+state word reads unsealed again.  ``Config.put_fill_check`` (default) models the
+fix: step 3 also compares D_FILL (same cache line) with the chunk's fill tag.
+The state and D_FILL loads are one step: for the writer to see a fill number
+other than the one the state word belongs to, that fill must be taken in
+between, and it cannot be while A_k is BUSY and C_k names it (the fence makes
+the BUSY visible to return_chunks before its re-load).
+
+Memory model (chunk mode): x86-TSO for the writers
+----------------------------------------------------
+Every plain store of a writer to a shared word (A_k, C_k, the commit counters,
+a record's payload and header, an ABANDONED header, D_FILL in rotate, D_USED /
+D_ADDRESS / D_SEQ in close) goes into the writer's FIFO store buffer
+(``SBUF``, at most ``Config.sb_depth`` entries: a store into a full buffer first
+drains the oldest, a bound of the model); the writer's own loads read its
+newest buffered store to the same word first (store forwarding); a transition
+``("B", w)`` commits the oldest buffered store to memory; a locked instruction
+of the writer (fetch-and-add, CAS, fetch-or) drains its whole buffer first; the
+flusher's fence (membarrier) drains every writer's buffer in one transition.
+Everyone else's loads read memory.  Loads are not reordered with loads, nor
+stores with stores (TSO).  The flusher and the owner are modelled SC: the
+flusher's few plain stores (row R, base, reset, its closes) are either its own
+words or followed by its atomics before anyone can read them.  Claim intents
+are not stored in chunk mode, and rotate's INTENT_ROTATING marker is stored
+directly, as in v2: nobody reads intents without deaths and recovery, so when
+they reach memory changes no one's behaviour.  ``sb_depth=0`` makes the
+writers SC too.
+
+A writer step ends with at most one load or locked instruction; the plain
+stores that come before it in program order are put into the buffer at the
+start of that step (``PEND`` holds them meanwhile), never at the end of the
+step before: issuing a store is invisible to everyone but the writer, so
+issuing it later loses nothing (a drain can follow at once), but issuing it
+earlier could let a fence drain a store that the program issues after it.
+I7 counts a returned record whose DATA store is still in the buffer or in
+``PEND``.
 
 Not modelled: semaphores and sleeps (every wait has a timeout, so a wait is a
 retry), ``H_WAITERS``, heartbeats, I/O errors and ``STATUS_BROKEN``, the
@@ -42,8 +116,10 @@ flusher's or the owner's death and the flusher restart (``resume``, and the
 ``D_DURABLE`` / ``D_EXTENT_OF`` words, which only a restarted flusher or recovery
 reads), dead-writer recovery (shmflush/_recovery.py: it never touches a live
 lease, so it does nothing in runs without deaths; ``Config.recovery`` is the
-switch for modelling it, see ``Model._recovery_tags``), ``sync()`` (and its
-``INTENT_SEALING``), ``claim_large`` (every modelled claim is below
+switch for modelling it, see ``Model._recovery_tags``; and deaths in chunk
+mode), v2's ``sync()`` (and ``INTENT_SEALING``; in chunk mode its seal and own
+return are modelled, not its wait for durability), the writer's exception
+handlers (settling from A_k), the adaptive ``want``, ``claim_large`` (every modelled claim is below
 ``faa_limit``), batches (``append_many``/``append_array`` claim a larger size and
 commit once: the same transitions), ``reserve()``, lease acquisition, fdatasync
 (a write is durable at once), the write thread pool (each fill has its own
@@ -62,26 +138,42 @@ model (one step per access) reaches the same final files and verdicts.
 * A fetch-and-add on a *sealed* state word leaves the model's word alone, and a
   sealed word's offset is kept at 0: every reader of a sealed word looks only at
   its flags, and a CAS that fails only because a claim moved the offset retries.
+  Not in chunk mode: a claim's width comes from a plain load of the offset,
+  which may be a sealed word's that reopens before the claim lands.
 * A load followed by a CAS of the same word in a retry loop (``_reserve``,
   ``_unreserve``, ``_open``, ``reset``; seal_due's load before ``seal``'s
   fetch-or) is one step: a failed CAS leads to what a later load would have.
+  Under TSO a writer's CAS is merged into the step before it only when its
+  store buffer (and PEND) is empty, so that its drain changes nothing.
 * Plain stores nobody reads in the modelled runs (intents, without deaths; the
   extent stores before CLOSED; the base), the record's payload and header
   stores (without deaths), reads of ``status`` while nobody can change it (no
   close race), and the fill counter's fetch-and-add (it only renames fills).
+  Under TSO: the extent stores still go through the buffer (they are read only
+  after CLOSED, whose fetch-or drains them); payload and header are one
+  buffered store (adjacent in the FIFO; only the take's check would tell
+  PAYLOAD from CLAIMED, and it rejects both); the fill counter's fetch-and-add
+  merges only with an empty buffer, as above; ``status`` is not merged when a
+  writer may sync or stop (they happen at it).
 * take_ready's CAS, the write and the reset's zeroing are one step with the
   reset's CAS, done once the fill is ready: writers cannot tell FLUSHING from
   SEALED|CLOSED, the base and the file are the flusher's alone, and a ready
   fill stays ready (its commit counters cannot pass ``used``).  Its reads of
   ``used``, the counters and the base are one snapshot: the counters only grow
-  and never pass ``used``, so a snapshot that says "ready" is right.
+  and never pass ``used``, so a snapshot that says "ready" is right.  Under
+  TSO the writers' counters in memory still only grow, and a counter store
+  drains after the record's stores before it (FIFO).
 
 Invariants (design notes, section 4), and where they are checked
 ------------------------------------------------------------------
 * I1 at every successful claim: its range lies in [0, capacity) of one buffer and
   overlaps no other live claim there.
 * I2 when the flusher takes a fill and when it writes it: SEALED|CLOSED, and the
-  claims tile [0, used) with complete (DATA or ABANDONED) records.
+  claims tile [0, used) with complete (DATA or ABANDONED) records and returned
+  tails (PAD).  In chunk mode also: a tail is returned once, only over the
+  chunk's unwritten rest (never over a record), no record is written into a
+  returned tail; and in every state a closed fill's commit counters never pass
+  its ``used`` (take_ready's sum test relies on it).
 * I3 at every close and write: one close per fill, a 4 KiB-aligned address that
   was handed out, the flusher writes the extent the closer stored, segments never
   overlap; at the end, the segments tile [0, next_address) (no holes).
@@ -132,10 +224,30 @@ READY = SEALED | CLOSED  # _flusher._READY
 SHIFT = L.OFFSET_SHIFT
 MASK64 = L.WORD_MASK
 STOPPED = L.STATUS_CLOSING | L.STATUS_FLUSHER_DONE  # what rotate()/check_status() test
+#: A_k's "inside an append" bit (protocol v3); the lead adds it as L.AT_BUSY
+BUSY = getattr(L, "AT_BUSY", 1)
 
-# Cell kinds.
-CLAIMED, PAYLOAD, DATA, ABANDONED = range(4)
-KIND_NAMES = ("CLAIMED", "PAYLOAD", "DATA", "ABANDONED")
+#: frame[3] of a writer at "status" between two appends (sync and stop happen there)
+BETWEEN = 1
+
+# Cell kinds.  PAD: a chunk's tail, returned unwritten (zeros: padding in the file).
+CLAIMED, PAYLOAD, DATA, ABANDONED, PAD = range(5)
+KIND_NAMES = ("CLAIMED", "PAYLOAD", "DATA", "ABANDONED", "PAD")
+#: the record number of a cell that is a chunk's unwritten rest (not a record)
+CHUNK_REST = -1
+
+#: writer steps that are locked instructions (fetch-and-add, CAS, fetch-or): under
+#: TSO they drain the writer's store buffer first
+ATOMIC_W = frozenset(
+    {"faa", "cc_seal", "reject", "r_cas", "y_or", "y_cas"}
+    | {f"{p}.{q}" for p in ("close", "yclose") for q in ("cf_addr", "cf_seq", "cf_closed")}
+    | {f"rot.{q}" for q in ("r_cas", "r_fc", "r_lcas", "u_cas", "o_cas")}
+)
+#: writer pcs that the chunk writer (Model._cwriter) runs itself
+CHUNK_PCS = frozenset(
+    {"status", "lane", "c_off", "faa", "fillchk", "p_sealed", "r_cas", "fin"}
+    | {"y_or", "yclose", "y_cas"}
+)
 
 # Fields of the state tuple.
 (
@@ -160,7 +272,17 @@ KIND_NAMES = ("CLAIMED", "PAYLOAD", "DATA", "ABANDONED")
     FLUSHER,  # flusher frame
     OWNER,  # owner pc
     DEATHS,  # writers killed so far
-) = range(21)
+    AT,  # L_AT (A_k) per lease slot (chunk mode)
+    CHUNKW,  # L_CHUNK (C_k) per lease slot (chunk mode)
+    SBUF,  # per writer, its store buffer: ((location, value), ...), oldest first
+    PEND,  # per writer, plain stores it issues at the start of its next step
+    CHL,  # per writer, its chunk (Python locals): (i, pos, end, c) or None
+    SYNCS,  # per writer, the sync-seals it has done
+    STOPS,  # writers stopped for good so far
+) = range(28)
+
+#: the state field of each store-buffer location kind (besides "K" and "R")
+_LOC_FIELD = {"A": AT, "C": CHUNKW, "I": INTENT, "FW": FILLW, "U": USED, "AD": ADDR, "SQ": SEQ}
 
 FIELD_NAMES = (
     "state",
@@ -182,7 +304,7 @@ FIELD_NAMES = (
     "gwritten",
 )
 
-FINISHED = frozenset({"done", "raised", "dead"})
+FINISHED = frozenset({"done", "raised", "dead", "stopped"})
 
 State = tuple[Any, ...]
 Tag = tuple[Any, ...]
@@ -233,6 +355,24 @@ class Config:
     reduce: bool = True
     #: a deliberate defect, to show that the invariants catch it (see MUTANTS)
     mutant: str = ""
+    #: protocol v3 (chunk claims, docs: notes/chunks.md): the adaptive chunk size
+    #: ``want`` in bytes; 0: the v3 fallback (want = need, no membarrier, the
+    #: flusher returns no chunks); None: protocol v2 (one claim per record, the
+    #: old writer; sequentially consistent)
+    chunk: int | None = None
+    #: store-buffer depth per writer (chunk mode, x86-TSO); a store into a full
+    #: buffer first drains the oldest entry (a bound of the model, not of x86)
+    sb_depth: int = 2
+    #: per writer, how many times it may sync-seal its lane's fill between appends
+    #: (Ring.sync: seal, close if it sealed, return its own chunk)
+    syncs: int = 0
+    #: how many writers may stop for good between appends (chunk mode)
+    stops: int = 0
+    #: put(), step 3, also compares D_FILL (same cache line as the state word) with
+    #: the chunk's fill: the proposed fix of notes/chunks.md; False: the spec as
+    #: written (the SEALED test alone), which misses a returned chunk whose buffer
+    #: was reset and reopened for a later fill
+    put_fill_check: bool = True
 
 
 #: Defects of the seed's Rust crate (design notes, section 3), and others, that
@@ -245,7 +385,14 @@ MUTANTS = {
     "drop-crossing": "I7",  # the crossing claim's record is reported, not retried
     "no-zero": "I7",  # a buffer is reused without zeroing: stale records read as live
     "no-recheck": "I5",  # rotate() does not re-check CLOSING after reserving
+    # protocol v3 (chunk mode)
+    "no-fence": "I2",  # return_chunks without membarrier: a tail returned over a record
+    "return-busy": "I2",  # the flusher returns a chunk whose A_k is BUSY
+    "no-seal-check": "I2",  # put() does not load the state word after A_k = BUSY
+    "double-return": "I2",  # the writer returns its tail without the CAS on C_k: twice
 }
+#: the mutants that need chunk mode
+CHUNK_MUTANTS = frozenset({"no-fence", "return-busy", "no-seal-check", "double-return"})
 
 
 def fmt_word(word: int) -> str:
@@ -271,7 +418,7 @@ def _tiling_error(cells: tuple[Any, ...], used: int) -> str | None:
     for off, size, kind, w, rec, _fill in cells:
         if off != pos:
             return f"bytes [{pos}, {off}) hold no claim" if off > pos else f"overlap at {off}"
-        if kind not in (DATA, ABANDONED):
+        if kind not in (DATA, ABANDONED, PAD):
             return f"record W{w}#{rec} at offset {off} is {KIND_NAMES[kind]} (not committed)"
         pos += size
     if pos != used:
@@ -295,6 +442,24 @@ class Model:
                 if size % 8 or not 8 <= size <= min(self.cap, self.faa_limit):
                     raise ValueError(f"record size {size} is not a fetch-and-add claim")
         self.mortal = frozenset(range(self.nw) if cfg.mortal is None else cfg.mortal)
+        #: protocol v3; fence mode (chunks, return_chunks, membarrier) when chunk > 0
+        self.chunked = cfg.chunk is not None
+        self.fence_mode = bool(cfg.chunk)
+        #: x86-TSO store buffers for the writers' plain stores (chunk mode only)
+        self.tso = self.chunked
+        self.row_r = self.nw  # the flusher's row of commit counters
+        if self.chunked and (cfg.deaths or cfg.recovery):
+            raise ValueError("chunk mode models stopped writers, not deaths (no recovery)")
+        if not self.chunked and (cfg.syncs or cfg.stops or cfg.mutant in CHUNK_MUTANTS):
+            raise ValueError("syncs, stops and the chunk mutants need chunk mode")
+        if self.chunked and cfg.mutant and cfg.mutant not in CHUNK_MUTANTS:
+            raise ValueError(f"mutant {cfg.mutant!r} is a protocol v2 one")
+        #: the reduction "a sealed word's offset is dead": not in chunk mode, where
+        #: the claim's width comes from a plain load of the offset, which may be
+        #: a sealed (or idle, reserved) word's that reopens before the claim lands
+        self.dead_sealed_offset = cfg.reduce and not self.chunked
+        #: transitions that return a chunk's tail, by who: "writer", "sealer", "flusher"
+        self.events: Counter[str] = Counter()
         # Steps that commute with every step of every other actor: executed at once,
         # as part of the step before them (see "Reductions" in the module docstring).
         quiet_w: set[str] = set()
@@ -305,7 +470,15 @@ class Model:
             if self.nb == 2:
                 quiet_w.add("rot.r_lanes")  # two buffers: the candidate order is fixed
             if not cfg.close_race:
-                quiet_w |= {"status", "adv_status", "rot.r_status", "rot.r_status2"}
+                quiet_w |= {"adv_status", "rot.r_status", "rot.r_status2"}
+                # chunk mode: sync and stop happen at "status", so it must be a state
+                if not (cfg.syncs or cfg.stops):
+                    quiet_w.add("status")
+            if self.chunked:
+                # intents: nobody reads them (no deaths, no recovery); the model
+                # stores none in the chunk writer's own steps
+                quiet_w |= {"fclear", "rot.r_intent", "rot.r_iclr"}
+                quiet_w |= {"close.cf_store", "yclose.cf_store"}
             if not cfg.deaths and not cfg.recovery:
                 quiet_w |= {"intent", "fclear", "aiclear", "payload", "header", "iclear"}
                 quiet_w |= {"rot.r_intent", "rot.r_iclr"}
@@ -320,7 +493,11 @@ class Model:
     def initial(self) -> State:
         nb, nw = self.nb, self.nw
         zeros = (0,) * nb
-        writers = tuple(("status" if recs else "done", 0, 0, 0, None) for recs in self.cfg.records)
+        rows = nw + 1 if self.chunked else nw  # + the flusher's row R
+        writers = tuple(
+            ("status" if recs else "done", 0, 0, BETWEEN if self.chunked else 0, None)
+            for recs in self.cfg.records
+        )
         return (
             (IDLE | SEALED,) * nb,  # init_header: every buffer IDLE|SEALED
             zeros,
@@ -334,7 +511,7 @@ class Model:
             1,  # fill numbers start at 1
             0,
             (0,) * nw,
-            (zeros,) * nw,
+            (zeros,) * rows,
             ((),) * nb,
             (),
             (None,) * nb,
@@ -343,6 +520,13 @@ class Model:
             ("f_idle", 0, 0, 0, 0, 0, (), None),
             "o_run",
             0,
+            (0,) * nw,  # AT
+            (0,) * nw,  # CHUNKW
+            ((),) * nw,  # SBUF
+            ((),) * nw,  # PEND
+            (None,) * nw,  # CHL
+            (0,) * nw,  # SYNCS
+            0,  # STOPS
         )
 
     def is_final(self, s: State) -> bool:
@@ -350,6 +534,8 @@ class Model:
             s[FLUSHER][0] == "f_done"
             and s[OWNER] == "o_wait"
             and all(f[0] in FINISHED for f in s[WRITERS])
+            and not any(s[SBUF])
+            and not any(s[PEND])
         )
 
     def returned(self, s: State, w: int) -> int:
@@ -363,6 +549,13 @@ class Model:
         for w, frame in enumerate(writers):
             if frame[0] not in FINISHED:
                 yield ("W", w)
+                if frame[0] == "status" and frame[3] == BETWEEN:
+                    if s[SYNCS][w] < self.cfg.syncs:
+                        yield ("W", w, "sync")
+                    if s[STOPS] < self.cfg.stops:
+                        yield ("S", w)
+            if s[SBUF][w]:
+                yield ("B", w)  # the oldest buffered store reaches memory
         if s[DEATHS] < self.cfg.deaths:
             for w, frame in enumerate(writers):
                 if frame[0] not in FINISHED and w in self.mortal:
@@ -386,6 +579,8 @@ class Model:
                         self._committed(s, i) == s[USED][i] or self.cfg.mutant == "take-uncommitted"
                     ):
                         yield ("F", "flush", i)  # take, write and reset in one step
+            if self.fence_mode and self._candidates(s):
+                yield ("F", "ret")  # return_chunks
             if fl[6]:
                 yield ("F", "flush")
             elif closing and states[0] & IDLE:
@@ -394,6 +589,35 @@ class Model:
                 yield from self._recovery_tags(s)
         elif fl[0] != "f_done":
             yield ("F",)
+
+    def _candidates(self, s: State | list[Any]) -> tuple[tuple[int, int], ...]:
+        """return_chunks, step 1: (slot, C_k) of every chunk the flusher may return.
+
+        One snapshot of C_k, the fill's state and number, and A_k.  The loads of
+        the real scan are not simultaneous; but a candidate only leads to the fence
+        (harmless: it drains, as the drain steps may) and to a re-load of A_k and
+        a CAS on C_k, which succeeds only while C_k still holds the value read (a
+        chunk word never comes back: its end offset grows within a fill), so a
+        snapshot at the re-load's time would have listed it too.
+        """
+        out = []
+        for k in range(self.nw):
+            c = s[CHUNKW][k]
+            if not c:
+                continue
+            i = L.intent_buffer(c)
+            st = s[ST][i]
+            if not st & SEALED or st & (FLUSHING | IDLE):
+                continue
+            if s[FILLW][i] & 0xFFFF != L.intent_fill_tag(c):
+                continue
+            a = s[AT][k]
+            if a & BUSY and self.cfg.mutant != "return-busy":
+                continue
+            if a & ~BUSY >= c & L.INTENT_SIZE_MASK:
+                continue
+            out.append((k, c))
+        return tuple(out)
 
     def _committed(self, s: State, i: int) -> int:
         """Ring.committed(i)."""
@@ -405,8 +629,8 @@ class Model:
         pc, sub = frame[0], frame[4]
         if pc == "rot":
             return f"rot.{sub[1]}"
-        if pc == "close":
-            return f"close.{sub[0]}"
+        if pc in ("close", "yclose"):
+            return f"{pc}.{sub[0]}"
         return str(pc)
 
     @staticmethod
@@ -418,9 +642,25 @@ class Model:
         kind = tag[0]
         if kind == "W":
             w = tag[1]
-            self._writer(m, w)
-            while self._wpc(m[WRITERS][w]) in self.quiet_w:
-                self._writer(m, w)
+            if self.tso:
+                self._issue(m, w)
+            if len(tag) > 2:  # Ring.sync between appends: read the lane word
+                rec = m[WRITERS][w][1]
+                self._set(m, SYNCS, w, m[SYNCS][w] + 1)
+                self._set(m, WRITERS, w, ("y_or", rec, m[LANES][self.lane_of[w]], 0, None))
+            else:
+                self._wstep(m, w)
+            while self._quiet_next(m, w):
+                self._wstep(m, w)
+        elif kind == "B":
+            self._drain_one(m, tag[1])
+        elif kind == "S":  # stops for good, outside an append (A_k not BUSY)
+            w = tag[1]
+            self._issue(m, w)
+            rec = m[WRITERS][w][1]
+            m[WRITERS] = _put(m[WRITERS], w, ("stopped", rec, 0, 0, None))
+            m[STOPS] += 1
+            self.events["stop"] += 1
         elif kind == "D":
             w = tag[1]
             rec = m[WRITERS][w][1]
@@ -435,6 +675,153 @@ class Model:
                 self._flusher(m, ("F",))
         return tuple(m)
 
+    def _quiet_next(self, m: list[Any], w: int) -> bool:
+        pc = self._wpc(m[WRITERS][w])
+        if pc not in self.quiet_w:
+            return False
+        # Under TSO an atomic drains the writer's buffer: merged into the step
+        # before it only when there is nothing to drain (then the SC argument holds).
+        return not (self.tso and pc in ATOMIC_W and (m[SBUF][w] or m[PEND][w]))
+
+    def _wstep(self, m: list[Any], w: int) -> None:
+        """One step of writer w: a locked instruction first drains its store buffer."""
+        if self.tso and self._wpc(m[WRITERS][w]) in ATOMIC_W:
+            self._drain_all(m, w)
+        if self.chunked and m[WRITERS][w][0] in CHUNK_PCS:
+            self._cwriter(m, w)
+        else:
+            self._writer(m, w)
+
+    # -- x86-TSO: the writers' store buffers ------------------------------------------
+
+    def _wstore(self, m: list[Any], w: int | None, loc: tuple[Any, ...], val: Any) -> None:
+        """A plain store by writer *w* (None: the flusher, modelled SC)."""
+        if w is None or not self.tso or not self.cfg.sb_depth:
+            self._mem_write(m, loc, val)
+            return
+        if len(m[SBUF][w]) >= self.cfg.sb_depth:
+            self._drain_one(m, w)  # the model's bound on the buffer
+        self._set(m, SBUF, w, (*m[SBUF][w], (loc, val)))
+
+    def _wload(self, m: list[Any], w: int | None, loc: tuple[Any, ...]) -> Any:
+        """A plain load by writer *w*: its own newest buffered store to *loc* first."""
+        if w is not None and self.tso:
+            for bloc, val in reversed(m[SBUF][w]):
+                if bloc == loc:
+                    return val
+        return self._mem_read(m, loc)
+
+    def _issue(self, m: list[Any], w: int) -> None:
+        """Put the stores the writer's last step left pending into its buffer."""
+        pend = m[PEND][w]
+        if not pend:
+            return
+        self._set(m, PEND, w, ())
+        for entry in pend:
+            if entry[0] == "carve":  # a record's payload and header (one entry)
+                _, i, off, size, rec = entry
+                self._carve(m, w, i, off, size=size, rec=rec)
+                self._wstore(m, w, ("R", i, off, w, rec), DATA)
+            elif entry[0] == "K+":  # commit: counter(k, i) = pos + s + delta
+                _, i, n = entry
+                loc = ("K", w, i)
+                self._wstore(m, w, loc, self._wload(m, w, loc) + n)
+            else:
+                self._wstore(m, w, entry[0], entry[1])
+
+    def _pend(self, m: list[Any], w: int, *entries: tuple[Any, ...]) -> None:
+        self._set(m, PEND, w, (*m[PEND][w], *entries))
+
+    def _drain_one(self, m: list[Any], w: int) -> None:
+        (loc, val), *rest = m[SBUF][w]
+        self._set(m, SBUF, w, tuple(rest))
+        self._mem_write(m, loc, val)
+
+    def _drain_all(self, m: list[Any], w: int) -> None:
+        while m[SBUF][w]:
+            self._drain_one(m, w)
+
+    def _mem_read(self, m: list[Any], loc: tuple[Any, ...]) -> Any:
+        what = loc[0]
+        if what == "K":
+            return m[COMMITS][loc[1]][loc[2]]
+        return m[_LOC_FIELD[what]][loc[1]]
+
+    def _mem_write(self, m: list[Any], loc: tuple[Any, ...], val: Any) -> None:
+        what = loc[0]
+        if what == "K":
+            self._set(m, COMMITS, loc[1], _put(m[COMMITS][loc[1]], loc[2], val))
+        elif what == "R":  # a record's bytes (or an ABANDONED header) reach memory
+            _, i, off, w, rec = loc
+            st = m[ST][i]
+            for cell in m[CELLS][i]:
+                if cell[0] == off and cell[3] == w and cell[4] == rec:
+                    break
+            else:
+                raise InvariantError(
+                    "I4", f"W{w}'s buffered store of #{rec} at b{i}+{off} lands in a reset buffer"
+                )
+            if st & (FLUSHING | IDLE | RESERVED):
+                raise InvariantError(
+                    "I2/I4", f"W{w}'s store of #{rec} lands in b{i} while it is {fmt_word(st)}"
+                )
+            self._replace_cell(m, i, cell, val)
+        else:
+            self._set(m, _LOC_FIELD[what], loc[1], val)
+
+    def _carve(self, m: list[Any], w: int, i: int, off: int, *, size: int, rec: int) -> None:
+        """Record #rec of W takes [off, off + size) from the front of its chunk's rest."""
+        cells = m[CELLS][i]
+        for k, cell in enumerate(cells):
+            if cell[3] != w or not cell[0] <= off < cell[0] + cell[1]:
+                continue
+            if cell[2] == PAD:
+                raise InvariantError(
+                    "I2",
+                    f"W{w} writes record #{rec} at b{i}+{off}, into a chunk tail that was "
+                    "already returned (committed as padding)",
+                )
+            if cell[4] != CHUNK_REST or cell[0] != off or cell[1] < size or cell[2] != CLAIMED:
+                raise InvariantError(
+                    "I1", f"W{w} writes record #{rec} at b{i}+{off} over {self.fmt_cells((cell,))}"
+                )
+            parts = [(off, size, CLAIMED, w, rec, cell[5])]
+            if cell[1] > size:
+                parts.append((off + size, cell[1] - size, CLAIMED, w, CHUNK_REST, cell[5]))
+            self._set(m, CELLS, i, tuple(sorted((*cells[:k], *parts, *cells[k + 1 :]))))
+            return
+        raise InvariantError(
+            "I4/I6",
+            f"W{w} writes record #{rec} at b{i}+{off}, but its chunk is no longer in the "
+            f"buffer (state {fmt_word(m[ST][i])}): the buffer was recycled under it",
+        )
+
+    def _return_tail(self, m: list[Any], w: int, i: int, span: tuple[int, int], who: str) -> None:
+        """Ghost: the tail [pos, end) of W's chunk is returned (it becomes padding)."""
+        pos, end = span
+        self.events[who] += 1
+        cells = m[CELLS][i]
+        for k, cell in enumerate(cells):
+            if cell[3] != w or cell[0] + cell[1] <= pos or end <= cell[0]:
+                continue
+            if cell[2] == PAD:
+                raise InvariantError(
+                    "I2", f"the {who} returns [{pos}, {end}) of W{w}'s chunk in b{i} twice"
+                )
+            if cell[4] != CHUNK_REST:
+                raise InvariantError(
+                    "I2",
+                    f"the {who} returns [{pos}, {end}) of W{w}'s chunk in b{i}, but record "
+                    f"#{cell[4]} is at [{cell[0]}, {cell[0] + cell[1]})",
+                )
+            if (cell[0], cell[0] + cell[1]) != (pos, end):
+                raise InvariantError(
+                    "I2", f"the {who} returns [{pos}, {end}) of W{w}'s chunk rest {cell[:2]}"
+                )
+            self._set(m, CELLS, i, _put(cells, k, (pos, end - pos, PAD, w, CHUNK_REST, cell[5])))
+            return
+        raise InvariantError("I2", f"the {who} returns [{pos}, {end}) of b{i}: no chunk of W{w}")
+
     # -- helpers on a mutable state ---------------------------------------------------
 
     @staticmethod
@@ -445,7 +832,7 @@ class Model:
         """Write buffer i's state word.  Reduced: a sealed word's offset is dead (every
         reader of a sealed word looks at its flags only; a CAS that fails because a
         claim moved only the offset just retries), so it is kept at 0."""
-        if word & SEALED and self.cfg.reduce:
+        if word & SEALED and self.dead_sealed_offset:
             word &= L.FLAG_MASK
         m[ST] = _put(m[ST], i, word)
 
@@ -498,11 +885,11 @@ class Model:
         elif pc == "lane":
             frame = ("intent", rec, m[LANES][lane], 0, None)
         elif pc == "intent":
-            self._set(m, INTENT, w, L.claim_intent(fill, size))
+            self._set(m, INTENT, w, L.claim_intent(lw, size))
             frame = ("faa", rec, lw, 0, None)
         elif pc == "faa":
             old = m[ST][i]
-            if not (old & SEALED and self.cfg.reduce):
+            if not (old & SEALED and self.dead_sealed_offset):
                 self._store(m, i, (old + L.claim_delta(size)) & MASK64)
             off = old >> SHIFT
             if not old & SEALED and off + size <= self.cap:
@@ -560,7 +947,7 @@ class Model:
             self._store(m, i, m[ST][i] | SEALED)
             frame = ("close", rec, lw, 0, self._close_start(old >> SHIFT))
         elif pc == "close":
-            sub = self._close_step(m, i, sub)
+            sub = self._close_step(m, i, sub, w)
             frame = ("adv_status" if sub is None else "close", rec, lw, 0, sub)
             if sub is None and self.cfg.mutant == "drop-crossing":  # "returns"
                 rec += 1
@@ -604,6 +991,144 @@ class Model:
             raise AssertionError(f"writer pc {pc!r}")
         m[WRITERS] = _put(m[WRITERS], w, frame)
 
+    # -- writer, protocol v3 (chunk claims) -----------------------------------------------
+    #
+    # Each step ends with at most one load or locked instruction; the plain stores
+    # that precede it in program order are put into the store buffer at the start
+    # of the step (PEND), not at the end of the step before: a store issued early
+    # could be drained by a fence that in the program comes before it.
+
+    def _after_append(self, m: list[Any], w: int, rec: int) -> tuple[Any, ...]:
+        if rec == len(self.cfg.records[w]):
+            return ("fin", rec, 0, 0, None)
+        return ("status", rec, 0, BETWEEN, None)
+
+    def _put_record(self, m: list[Any], w: int, rec: int) -> tuple[Any, ...]:
+        """put(), steps 4-6: payload and header, counter, A_k = pos + s."""
+        i, pos, end, c = m[CHL][w]
+        size = self.cfg.records[w][rec]
+        self._pend(m, w, ("carve", i, pos, size, rec), ("K+", i, size), (("A", w), pos + size))
+        self._set(m, CHL, w, (i, pos + size, end, c))
+        return self._after_append(m, w, rec + 1)  # append() returns
+
+    def _return_own(self, m: list[Any], w: int, rec: int, cas: str, then: str) -> tuple[Any, ...]:
+        """Slow path, step a: return the current chunk (a CAS when its tail is not empty)."""
+        ch = m[CHL][w]
+        if ch is None:
+            return (then, rec, 0, 0, None)
+        if ch[1] < ch[2]:
+            return (cas, rec, 0, 0, None)
+        self._pend(m, w, (("C", w), 0))  # nothing left: a plain store
+        self._set(m, CHL, w, None)
+        return (then, rec, 0, 0, None)
+
+    def _cas_own(self, m: list[Any], w: int, who: str) -> None:
+        i, pos, end, c = m[CHL][w]
+        self._set(m, CHL, w, None)
+        if self.cfg.mutant == "double-return":  # plain stores, no CAS
+            self._pend(m, w, (("C", w), 0), ("K+", i, end - pos))
+            self._return_tail(m, w, i, (pos, end), who)
+        elif m[CHUNKW][w] == c:
+            self._set(m, CHUNKW, w, 0)
+            self._pend(m, w, ("K+", i, end - pos))  # the tail: padding
+            self._return_tail(m, w, i, (pos, end), who)
+        # else the flusher returned it
+
+    def _cwriter(self, m: list[Any], w: int) -> None:
+        pc, rec, lw, old, sub = m[WRITERS][w]
+        lane = self.lane_of[w]
+        i = lw & L.LANE_INDEX_MASK
+        fill = lw >> L.LANE_FILL_SHIFT
+        frame: tuple[Any, ...]
+        if pc == "status":  # the top of append(), and of each retry of the claim
+            if m[STATUS]:
+                frame = ("raised", rec, 0, 0, None)
+            else:
+                ch = m[CHL][w]
+                size = self.cfg.records[w][rec]
+                if ch is not None and ch[1] + size <= ch[2]:  # put(), step 1: it fits
+                    self._pend(m, w, (("A", w), ch[1] | BUSY))  # step 2
+                    if self.cfg.mutant == "no-seal-check":
+                        frame = self._put_record(m, w, rec)
+                    else:
+                        frame = ("p_sealed", rec, 0, 0, None)
+                else:
+                    frame = self._return_own(m, w, rec, "r_cas", "lane")
+        elif pc == "p_sealed":  # put(), step 3: load state_i (and D_FILL: the fix)
+            ch = m[CHL][w]
+            moved = self.cfg.put_fill_check and self._wload(
+                m, w, ("FW", ch[0])
+            ) & 0xFFFF != L.intent_fill_tag(ch[3])
+            if m[ST][ch[0]] & SEALED or moved:
+                self._pend(m, w, (("A", w), ch[1]))  # not BUSY; return the chunk
+                frame = ("r_cas", rec, 0, 0, None)
+            else:
+                frame = self._put_record(m, w, rec)
+        elif pc == "r_cas":
+            self._cas_own(m, w, "writer")
+            frame = ("lane", rec, 0, 0, None)
+        elif pc == "fin":  # the last append has returned: its stores are issued
+            frame = ("done", rec, 0, 0, None)
+        elif pc == "lane":  # claim, step b
+            frame = ("c_off", rec, m[LANES][lane], 0, None)
+        elif pc == "c_off":  # plain load of state_i: w = min(want, capacity - off)
+            need = self.cfg.records[w][rec]
+            want = self.cfg.chunk or need
+            width = min(want, self.cap - (m[ST][i] >> SHIFT))
+            frame = ("faa", rec, lw, 0, width if width >= need else need)
+        elif pc == "faa":  # (the intent store before it: nobody reads it, not modelled)
+            width = sub
+            old = m[ST][i]
+            if not (old & SEALED and self.dead_sealed_offset):
+                self._store(m, i, (old + L.claim_delta(width)) & MASK64)
+            off = old >> SHIFT
+            if not old & SEALED and off + width <= self.cap:
+                self._add_cell(m, i, (off, width, CLAIMED, w, CHUNK_REST, m[FILLW][i]))
+                if m[FILLW][i] == fill and m[LANES][lane] != lw:
+                    raise InvariantError(
+                        "I6", f"W{w} claimed in fill {fill}, which its lane no longer names"
+                    )
+                frame = ("fillchk", rec, lw, old, width)
+            else:
+                frame = ("fclear", rec, lw, old, width)
+        elif pc == "fillchk":
+            width = sub
+            off = old >> SHIFT
+            if self._wload(m, w, ("FW", i)) == fill:
+                # success: A_k = start | BUSY, C_k names the chunk, then the first
+                # record under that BUSY, without the SEALED check (step c)
+                c = L.claim_intent(lw, off + width)
+                self._pend(m, w, (("A", w), off | BUSY), (("C", w), c))
+                self._set(m, CHL, w, (i, off, off + width, c))
+                frame = self._put_record(m, w, rec)
+            else:  # stale fill: an ABANDONED record over the whole claim, commit, rotate
+                cell = self._find_cell(m, i, off, w, CHUNK_REST)
+                if cell[5] == fill:
+                    raise InvariantError("I6", f"W{w} abandons a claim in its lane's fill {fill}")
+                self._pend(m, w, (("R", i, off, w, CHUNK_REST), ABANDONED), ("K+", i, width))
+                frame = ("rot", rec, lw, 0, self._rotate_start("abandon"))
+        elif pc == "y_or":  # Ring.seal (sync): fetch_or(SEALED)
+            prev = m[ST][i]
+            self._store(m, i, prev | SEALED)
+            if not prev & SEALED and prev >> SHIFT <= self.cap:
+                frame = ("yclose", rec, lw, 0, self._close_start(prev >> SHIFT))
+            else:
+                frame = self._return_own(m, w, rec, "y_cas", "status")
+        elif pc == "yclose":
+            sub = self._close_step(m, i, sub, w)
+            if sub is None:
+                frame = self._return_own(m, w, rec, "y_cas", "status")
+            else:
+                frame = ("yclose", rec, lw, 0, sub)
+        elif pc == "y_cas":  # the sealer returns its own chunk
+            self._cas_own(m, w, "sealer")
+            frame = ("status", rec, 0, 0, None)
+        else:
+            raise AssertionError(f"chunk writer pc {pc!r}")
+        if frame[0] == "status" and pc in ("y_cas", "yclose", "y_or"):
+            frame = ("status", rec, 0, BETWEEN, None)  # sync() returned, between appends
+        m[WRITERS] = _put(m[WRITERS], w, frame)
+
     # -- rotate (Ring.rotate with fill_done, _reserve, _unreserve, _open) -------------------
 
     @staticmethod
@@ -624,7 +1149,7 @@ class Model:
         if pc == "r_st":  # fill_done: state first (only its CLOSED and IDLE bits are used)
             return 0, (caller, "r_fill", 0, (), 0, m[ST][i] & (CLOSED | IDLE), 0, 0)
         if pc == "r_fill":  # ... then the fill number
-            if m[FILLW][i] == fill and not rst & (CLOSED | IDLE):
+            if self._wload(m, w, ("FW", i)) == fill and not rst & (CLOSED | IDLE):
                 return NOT_DONE, None
             return 0, (caller, "r_intent", 0, (), 0, 0, 0, 0)
         if pc == "r_intent":  # rotate(): the lease says "rotating" around _rotate()
@@ -667,7 +1192,7 @@ class Model:
             m[FILL_CTR] = rfill + 1
             return 0, (caller, "r_store", j, (), 0, 0, rfill, 0)
         if pc == "r_store":
-            self._set(m, FILLW, j, rfill)
+            self._wstore(m, w, ("FW", j), rfill)
             return 0, (caller, "r_lcas", j, (), 0, 0, rfill, 0)
         if pc == "r_lcas":
             if m[LANES][lane] == lw:
@@ -705,7 +1230,9 @@ class Model:
         # (pc, used, address, seq)
         return ("cf_addr" if used else "cf_store", used, 0, 0)
 
-    def _close_step(self, m: list[Any], i: int, sub: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def _close_step(
+        self, m: list[Any], i: int, sub: tuple[Any, ...], w: int | None
+    ) -> tuple[Any, ...] | None:
         pc, used, address, seq = sub
         if pc == "cf_addr":
             address = m[NEXT_ADDR]
@@ -719,9 +1246,9 @@ class Model:
             m[NEXT_SEQ] = seq + 1
             return ("cf_store", used, address, seq)
         if pc == "cf_store":
-            self._set(m, USED, i, used)
-            self._set(m, ADDR, i, address)
-            self._set(m, SEQ, i, seq)
+            self._wstore(m, w, ("U", i), used)
+            self._wstore(m, w, ("AD", i), address)
+            self._wstore(m, w, ("SQ", i), seq)
             return ("cf_closed", used, address, seq)
         if pc == "cf_closed":
             st = m[ST][i]
@@ -762,6 +1289,10 @@ class Model:
                 frame = ("w_write", 0, 0, 0, 0, 0, order, None)
             elif what == "all_idle":
                 frame = ("a_chk", 0, 0, 0, 0, 1, pending, None)
+            elif what == "ret":  # return_chunks: candidates, then the fence
+                cands = self._candidates(m)
+                first = "rc_load" if self.cfg.mutant == "no-fence" else "rc_fence"
+                frame = (first, 0, 0, 0, 0, 0, pending, cands)
             else:
                 self._recovery_step(m, tag)
                 return
@@ -774,7 +1305,7 @@ class Model:
             else:
                 frame = ("close", i, 0, 0, 0, 0, pending, self._close_start(used))
         elif pc == "close":
-            sub = self._close_step(m, i, sub)
+            sub = self._close_step(m, i, sub, None)
             if sub is None:
                 frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
             else:
@@ -784,7 +1315,7 @@ class Model:
         elif pc == "t_sum":  # committed(): one counter per step ...
             acc += m[COMMITS][k][i]
             frame = (
-                "t_sum" if k + 1 < self.nw else "t_base",
+                "t_sum" if k + 1 < len(m[COMMITS]) else "t_base",
                 i,
                 fst,
                 fused,
@@ -836,6 +1367,28 @@ class Model:
                     frame = ("x_zero", 0, 0, 0, 0, k + 1, pending, None)
                 else:
                     frame = ("f_idle", 0, 0, 0, 0, 0, (), None)
+        elif pc == "rc_fence":  # membarrier: every writer's buffer reaches memory
+            for w in range(self.nw):
+                self._drain_all(m, w)
+            frame = ("rc_load", 0, 0, 0, 0, 0, pending, sub)
+        elif pc == "rc_load":  # re-load A_k after the fence
+            slot, c = sub[k]
+            a = m[AT][slot]
+            pos = a & ~BUSY
+            if (a & BUSY and self.cfg.mutant != "return-busy") or pos >= c & L.INTENT_SIZE_MASK:
+                frame = self._next_candidate(k, pending, sub)
+            else:
+                frame = ("rc_cas", 0, pos, 0, 0, k, pending, sub)
+        elif pc == "rc_cas":  # CAS(C_k, c -> 0); if won: counter(R, i) += end - pos
+            slot, c = sub[k]
+            if m[CHUNKW][slot] == c:
+                self._set(m, CHUNKW, slot, 0)
+                i = L.intent_buffer(c)
+                end = c & L.INTENT_SIZE_MASK
+                self._return_tail(m, slot, i, (fst, end), "flusher")
+                row = m[COMMITS][self.row_r]
+                self._set(m, COMMITS, self.row_r, _put(row, i, row[i] + end - fst))
+            frame = self._next_candidate(k, pending, sub)
         elif pc == "a_chk":  # all_idle, one state word per step
             if not m[ST][k] & IDLE:
                 frame = ("f_idle", 0, 0, 0, 0, 0, pending, None)
@@ -849,6 +1402,12 @@ class Model:
         else:
             raise AssertionError(f"flusher pc {pc!r}")
         m[FLUSHER] = frame
+
+    @staticmethod
+    def _next_candidate(k: int, pending: tuple[int, ...], cands: Any) -> tuple[Any, ...]:
+        if k + 1 < len(cands):
+            return ("rc_load", 0, 0, 0, 0, k + 1, pending, cands)
+        return ("f_idle", 0, 0, 0, 0, 0, pending, None)
 
     def _take_write_reset(self, m: list[Any], i: int) -> None:
         """Reduced: take_ready's CAS and base store, write_fill, and reset, at once.
@@ -937,10 +1496,18 @@ class Model:
 
     def check_state(self, s: State) -> None:
         returned = tuple(f[1] for f in s[WRITERS])
-        key = (s[FILE], s[CELLS], s[GWRITTEN], returned)
+        key = (s[FILE], s[CELLS], s[GWRITTEN], returned, s[SBUF], s[PEND])
         if key not in self._records_ok:
             self._check_records(s)
             self._records_ok.add(key)
+        for i, g in enumerate(s[GCLOSE]):
+            # take_ready's "the column sums to used" is right only if it never passes it
+            if g is not None and self._committed(s, i) > g[2]:
+                raise InvariantError(
+                    "I2",
+                    f"b{i}'s fill {g[0]} has {self._committed(s, i)} bytes committed, "
+                    f"more than its used={g[2]}",
+                )
         bound = self.cap + self.nw * self.faa_limit
         for i, st in enumerate(s[ST]):
             if not st & SEALED and st >> SHIFT > bound:
@@ -959,6 +1526,27 @@ class Model:
                 for cell in cells:
                     if cell[2] == DATA:
                         seen[(cell[3], cell[4])] += 1
+        # Under TSO a returned record may still be on its way: its DATA store in
+        # the writer's buffer, or still to be issued at its next step (PEND).
+        for w in range(self.nw):
+            for loc, val in s[SBUF][w]:
+                if loc[0] == "R" and val == DATA:
+                    _, i, off, _w, rec = loc
+                    live = any(c[0] == off and c[3] == w and c[4] == rec for c in s[CELLS][i])
+                    if live and not written[i]:
+                        seen[(w, rec)] += 1
+            for entry in s[PEND][w]:
+                if entry[0] == "carve":
+                    _, i, off, _size, rec = entry
+                    rest = any(  # the chunk's rest, not carved up to off yet
+                        c[0] <= off < c[0] + c[1]
+                        and c[3] == w
+                        and c[4] == CHUNK_REST
+                        and c[2] == CLAIMED
+                        for c in s[CELLS][i]
+                    )
+                    if rest and not written[i]:
+                        seen[(w, rec)] += 1
         for key, n in seen.items():
             if n > 1:
                 raise InvariantError("I7", f"record W{key[0]}#{key[1]} is present {n} times")
@@ -1006,15 +1594,22 @@ class Model:
     def describe(self, before: State, tag: Tag, after: State) -> str:
         if tag[0] == "D":
             return f"W{tag[1]} is killed at {self.pc_name(before, tag[1])}"
+        if tag[0] == "S":
+            return f"W{tag[1]} stops for good at {self.pc_name(before, tag[1])}"
+        if tag[0] == "B":
+            loc, val = before[SBUF][tag[1]][0]
+            return f"W{tag[1]}'s store {loc} = {val} reaches memory"
         if tag[0] == "O":
             return "owner: close() sets CLOSING"
         if tag[0] == "W":
             w = tag[1]
             who = f"W{w} {self.pc_name(before, w)} -> {self.pc_name(after, w)}"
             frame = before[WRITERS][w]
+            if len(tag) > 2:
+                who += " (sync)"
             if frame[0] == "faa":
                 i = frame[2] & L.LANE_INDEX_MASK
-                size = self.cfg.records[w][frame[1]]
+                size = frame[4] if self.chunked else self.cfg.records[w][frame[1]]
                 who += f" [fetch_add(b{i}, {size}<<32) returned {fmt_word(before[ST][i])}]"
         else:
             who = f"flusher {self.flusher_pc(before)}"
@@ -1042,6 +1637,10 @@ class Model:
                 changes.append(f"file {self.fmt_file(b)}")
             else:
                 changes.append(f"{FIELD_NAMES[fld]} {a} -> {b}")
+        for fld, name in ((AT, "A"), (CHUNKW, "C"), (SBUF, "sb"), (PEND, "pend"), (CHL, "chunk")):
+            for k, (x, y) in enumerate(zip(before[fld], after[fld], strict=True)):
+                if x != y:
+                    changes.append(f"{name}[{k}] {x} -> {y}")
         return who + (": " + "; ".join(changes) if changes else "")
 
     @staticmethod
@@ -1056,7 +1655,7 @@ class Model:
             "["
             + ", ".join(
                 f"@{seg[0]} fill {seg[3]} seq {seg[2]}: "
-                + " ".join(f"W{w}#{r}" if k == DATA else "ABANDONED" for k, w, r in seg[4])
+                + " ".join(f"W{w}#{r}" if k == DATA else KIND_NAMES[k] for k, w, r in seg[4])
                 for seg in file
             )
             + "]"
@@ -1069,6 +1668,8 @@ class Model:
             name = f"rotate({sub[0]}).{sub[1]}"
         elif pc == "close":
             name = f"close_crossing.{sub[0]}"
+        elif pc == "yclose":
+            name = f"sync.close.{sub[0]}"
         else:
             name = pc
         if pc in FINISHED:
@@ -1091,6 +1692,8 @@ class Model:
             "records " + " ".join(f"b{i}={self.fmt_cells(c)}" for i, c in enumerate(s[CELLS])),
             "file " + self.fmt_file(s[FILE]),
             "writers " + ", ".join(f"W{w} {self.pc_name(s, w)}" for w in range(self.nw)),
+            f"A {s[AT]} C {s[CHUNKW]} chunks {s[CHL]}",
+            f"store buffers {s[SBUF]} pending {s[PEND]}",
             f"flusher {self.flusher_pc(s)}, owner {s[OWNER]}",
         ]
         return "\n".join(parts)
@@ -1123,6 +1726,9 @@ class Result:
     #: final states whose file breaks docs/format.md's "seq increases in file order"
     seq_inversions: int = 0
     seq_trace: list[str] = field(default_factory=list)
+    #: transitions that returned a chunk's tail, by who returned it: "writer"
+    #: (slow-path step a), "sealer" (a writer, after its own sync-seal), "flusher"
+    events: Counter[str] = field(default_factory=Counter)
 
 
 def _trace(
@@ -1263,5 +1869,6 @@ def explore(cfg: Config, max_states: int | None = None) -> Result:
         else:
             outcome = "finishes" if finishes[tid] else "bound"
         res.deaths[(pc, intent, outcome)] += 1
+    res.events = model.events
     res.seconds = time.perf_counter() - t0
     return res

@@ -15,6 +15,15 @@ Findings pinned here (details in the test docstrings):
   stays as one model configuration (expected to stall), and
   test_real_reject_does_not_seal_the_next_fill replays the model's trace on the
   real code.
+* protocol v3 (notes/chunks.md), put()'s step 3 tests only SEALED: a writer
+  preempted between appends with a chunk whose tail the flusher returned
+  writes its next record into the buffer's next fill once the buffer is reset
+  and reopened (the state word reads unsealed again).  Found by the model and,
+  independently, by tests/test_interrupts.py; the code's fix reloads the
+  writer's own chunk word after the state word (_ring.Writer.put), the model's
+  put_fill_check compares D_FILL, an equivalent witness;
+  test_put_without_the_fill_check_writes_into_a_reopened_buffer pins the spec
+  as written.
 * seq is not monotonic in file order: close_extent takes the address and the seq
   with two fetch-and-adds, so two closers can interleave them (docs/format.md
   says so).
@@ -28,11 +37,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from protocol_model import MUTANTS, Config, InvariantError, Result, explore
+from protocol_model import CHUNK_MUTANTS, MUTANTS, Config, InvariantError, Result, explore
 
 import shmflush
 from shmflush import _atomic, _proc
@@ -62,6 +72,8 @@ class StalledError(AssertionError):
 # a 24 and a 16 do not fit together and the second crosses capacity.  max_fills
 # bounds how many fills may be opened (failed rotations use up numbers too); a
 # rotation beyond it is pruned, and counted.
+
+CHUNK = 16  # bytes: chunk mode's ``want``
 
 WEDGE = pytest.mark.xfail(raises=StalledError, strict=True, reason=REJECT_WEDGE)
 
@@ -93,6 +105,27 @@ LIVE: list[tuple[Config, bool]] = [  # (configuration, reaches the reject wedge)
     (Config("2lanes-timed", ((16, 16), (16,)), lanes=2, buffers=3, max_fills=4), False),
     (Config("3writers", ((16,), (16,), (8,)), buffers=3, timed_seal=False, max_fills=2), False),
     (Config("close-race", ((16,), (16,)), close_race=True, max_fills=2), False),
+    # protocol v3 (notes/chunks.md), writers under x86-TSO: 16-byte chunks of
+    # 8-byte records, so a chunk holds two records and a tail is often left over.
+    (Config("v3-fallback", ((16, 16), (8,)), chunk=0, max_fills=2), False),
+    (Config("chunk-1lane", ((8, 8), (8,)), chunk=CHUNK, max_fills=2), False),
+    (Config("chunk-cross", ((16, 16), (16,)), chunk=24, timed_seal=False, max_fills=2), False),
+    (
+        Config(
+            "chunk-sync-stop",
+            ((8, 8), (8,)),
+            chunk=CHUNK,
+            syncs=1,
+            stops=1,
+            timed_seal=False,
+            max_fills=2,
+        ),
+        False,
+    ),
+    (
+        Config("chunk-stop", ((8, 8), (8,)), chunk=CHUNK, stops=1, timed_seal=False, max_fills=2),
+        False,
+    ),
 ]
 DEATHS: list[tuple[Config, bool]] = [  # (configuration, check where deaths wedge)
     (Config("deaths-timed", ((16,), (16,)), max_fills=2, deaths=1), True),
@@ -125,6 +158,42 @@ if DEEP:
         (Config("deep-1lane-timed+fix", ((16, 16), (8,)), max_fills=4, reject_fix=True), False),
         (Config("deep-2lanes-timed", ((16, 16), (16, 8)), lanes=2, buffers=3, max_fills=4), False),
         (Config("deep-close-race", ((16,), (16,)), close_race=True, max_fills=3), False),
+        (
+            Config(
+                "deep-chunk-close-race", ((8, 8), (8,)), chunk=CHUNK, close_race=True, max_fills=2
+            ),
+            False,
+        ),
+        (
+            Config(
+                "deep-chunk-2lanes", ((8, 8), (8, 8)), chunk=CHUNK, lanes=2, buffers=3, max_fills=3
+            ),
+            False,
+        ),
+        (Config("deep-chunk-sync", ((8, 8), (8,)), chunk=CHUNK, syncs=1, max_fills=2), False),
+        (Config("deep-chunk-stop", ((8, 8), (8,)), chunk=CHUNK, stops=1, max_fills=2), False),
+        (
+            Config("deep-chunk-cross", ((16, 8), (16,)), chunk=24, timed_seal=False, max_fills=3),
+            False,
+        ),
+        (
+            Config(
+                "deep-chunk-sync-stop", ((8, 8), (8,)), chunk=CHUNK, syncs=1, stops=1, max_fills=2
+            ),
+            False,
+        ),
+        (
+            Config(
+                "deep-chunk-sb3",
+                ((8, 8), (8,)),
+                chunk=CHUNK,
+                syncs=1,
+                timed_seal=False,
+                sb_depth=3,
+                max_fills=2,
+            ),
+            False,
+        ),
     ]
     DEATHS += [(Config("deep-deaths-timed", ((16,), (16,)), max_fills=3, deaths=1), True)]
 
@@ -219,6 +288,15 @@ def test_writer_deaths(cfg: Config, attribute: bool, record_property: RecordProp
     [
         Config("xcheck-cross", ((16,), (8,)), capacity=16, timed_seal=False, max_fills=2),
         Config("xcheck-timed", ((8,), (8,)), capacity=16, max_fills=1),
+        Config(
+            "xcheck-chunk-sync",
+            ((8,), (8,)),
+            capacity=16,
+            chunk=16,
+            syncs=1,
+            timed_seal=False,
+            max_fills=1,
+        ),
     ],
     ids=lambda c: c.name,
 )
@@ -247,6 +325,77 @@ def test_recovery_is_not_modelled_yet() -> None:
     # The switch exists; its transitions are Model._recovery_tags/_recovery_step.
     with pytest.raises(NotImplementedError):
         explore(Config("recovery", ((8,),), recovery=True))
+
+
+# -- protocol v3: chunks and the fence ---------------------------------------------------
+
+
+def test_chunk_tails_are_returned_by_writer_sealer_and_flusher() -> None:
+    """The chunk configurations reach every way a tail is returned: by its writer
+    (slow path, step a), by a writer right after its own sync-seal, and by the
+    flusher's return_chunks (candidates, fence, re-load, CAS); and a writer stops
+    for good.  Counted over the transitions explored."""
+    totals: Counter[str] = Counter()
+    for cfg, _ in LIVE:
+        if cfg.chunk:
+            totals += explored(cfg).events
+    assert totals["writer"] > 0, totals
+    assert totals["sealer"] > 0, totals
+    assert totals["flusher"] > 0, totals
+    assert totals["stop"] > 0, totals
+    sync = explored(next(c for c, _ in LIVE if c.name == "chunk-sync-stop"))
+    assert sync.events["sealer"] > 0, sync.events
+    stop = explored(next(c for c, _ in LIVE if c.name == "chunk-stop"))
+    assert stop.events["flusher"] > 0, stop.events
+    assert stop.stalled == 0  # a stopped writer holds nothing up
+
+
+def test_put_without_the_fill_check_writes_into_a_reopened_buffer() -> None:
+    """notes/chunks.md's put(), step 3, tests only SEALED.  Writer A is preempted
+    between two appends (before its next put stores A_k = BUSY), holding a chunk
+    with a tail.  Writer B's sync seals and closes the fill; the flusher returns
+    A's tail (A_k is not BUSY), writes the fill and resets the buffer; B's
+    rotation reopens it for the next fill.  A resumes: BUSY, the state word reads
+    unsealed, and A writes its record into its old chunk's range, now part of the
+    next fill, which nobody claimed there: the returned record is lost (I7).  The
+    model's default (put_fill_check) also compares D_FILL, in the state word's
+    cache line, with the chunk's fill, and passes (chunk-sync-stop above)."""
+    cfg = Config(
+        "chunk-sync-spec",
+        ((8, 8), (8,)),
+        chunk=CHUNK,
+        syncs=1,
+        timed_seal=False,
+        max_fills=2,
+        put_fill_check=False,
+    )
+    with pytest.raises(InvariantError) as info:
+        explore(cfg)
+    assert info.value.invariant == "I7", str(info.value)
+    trace = "\n".join(info.value.trace)
+    assert "rc_cas -> f_idle" in trace  # the flusher returned the tail
+    assert "[flush 0]" in trace  # ... and the fill was written and its buffer reset
+
+
+def test_the_fence_is_needed_only_because_of_store_buffers() -> None:
+    """With no store buffers (sb_depth=0: sequential consistency) the flusher may
+    return chunks without the fence: nothing breaks.  With them (TSO) the same
+    mutant loses a record (test_invariants_catch_defects[no-fence]): the store
+    A_k = BUSY waits in the buffer while the writer's SEALED load goes ahead."""
+    sc = Config(
+        "no-fence-sc",
+        ((8, 8), (8,)),
+        chunk=CHUNK,
+        syncs=1,
+        timed_seal=False,
+        max_fills=2,
+        mutant="no-fence",
+        sb_depth=0,
+    )
+    r = explore(sc)
+    assert r.finals
+    assert r.events["flusher"] > 0
+    assert not r.stalled
 
 
 # -- the reject wedge on the real code ---------------------------------------------------
@@ -339,7 +488,19 @@ def test_real_reject_does_not_seal_the_next_fill(ring_name: str, tmp_path: Path)
 def test_invariants_catch_defects(mutant: str) -> None:
     """Each defect of MUTANTS (the Rust crate's, among others) breaks its invariant
     within a few dozen steps; so the checks above are not vacuous."""
-    if mutant == "no-recheck":
+    if mutant in CHUNK_MUTANTS:
+        # a sync-seal between appends: the writer rests outside an append with a
+        # chunk whose tail the flusher may return
+        cfg = Config(
+            mutant,
+            ((8, 8), (8,)),
+            chunk=CHUNK,
+            syncs=1,
+            timed_seal=False,
+            max_fills=2,
+            mutant=mutant,
+        )
+    elif mutant == "no-recheck":
         cfg = Config(mutant, ((16,), (16,)), close_race=True, max_fills=2, mutant=mutant)
     elif mutant == "no-fill-check":
         cfg = Config(mutant, ((16, 16), (8,)), max_fills=3, mutant=mutant)
