@@ -17,6 +17,7 @@ from ._errors import (
     RingNotFoundError,
     RingTimeoutError,
     ShmflushError,
+    UnsupportedFormatError,
 )
 from ._reader import Damage, Reader, read, read_array
 
@@ -36,6 +37,7 @@ __all__ = [
     "RingTimeoutError",
     "ShmflushError",
     "Stats",
+    "UnsupportedFormatError",
     "attach",
     "create",
     "read",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from ._format import FORMAT_VERSION
+
 
 class ShmflushError(Exception):
     """Base class of every shmflush error."""
@@ -116,3 +118,29 @@ class CorruptFileError(ShmflushError):
 
     def __reduce__(self) -> tuple[type, tuple[str, int, str]]:
         return type(self), (self.path, self.offset, self.reason)
+
+
+class UnsupportedFormatError(CorruptFileError):
+    """The file was written in an earlier version of the file format.
+
+    Its segments are intact but laid out or checksummed the way that version
+    was, so they cannot be read as this version's: no record is returned, even
+    by a tolerant reader (skipping them all as damage would hide the cause).
+    ``version`` is the file's format version; ``offset`` the segment that has it.
+    """
+
+    def __init__(self, path: str, offset: int, version: int) -> None:
+        self.path = path
+        self.offset = offset
+        self.version = version
+        self.reason = f"written in file format version {version}"
+        # Not CorruptFileError's "corrupt data at ...": nothing is corrupt.
+        ShmflushError.__init__(
+            self,
+            f"{path}: written in shmflush file format version {version} (segment at byte "
+            f"offset {offset}); this shmflush reads format version {FORMAT_VERSION} only: "
+            "read it with the shmflush version that wrote it",
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:  # type: ignore[override]
+        return type(self), (self.path, self.offset, self.version)

@@ -379,8 +379,8 @@ class Flusher:
     def write_all(self, buffers: list[int]) -> list[tuple[int, int]]:
         """Write the fills of *buffers*; returns (buffer, bytes) for each.
 
-        Several fills are written by a small thread pool: the CRC (zlib releases
-        the GIL above a few KiB) of one overlaps the pwrite(2) of another, and
+        Several fills are written by a small thread pool: the CRC (crc32c releases
+        the GIL from 32 KiB) of one overlaps the pwrite(2) of another, and
         several O_DIRECT writes keep the device queue busy.  Each fill has its own
         address, so the order of the writes does not matter.  The first error is
         raised, tagged with its buffer, once every write has finished.

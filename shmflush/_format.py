@@ -1,8 +1,8 @@
 """On-disk byte layout of shmflush files: segments and records.
 
 Pure layout, no I/O.  The writers' hot path and the flusher import this module, so
-it depends on nothing but :mod:`struct` and :mod:`zlib` and does as little work per
-call as it can.  ``docs/format.md`` is the normative description; the tables below
+it depends on nothing but :mod:`struct` and :mod:`crc32c` and does as little work
+per call as it can.  ``docs/format.md`` is the normative description; the tables below
 mirror it.
 
 A file is a dense sequence of *segments*, each starting at a multiple of
@@ -11,14 +11,14 @@ A file is a dense sequence of *segments*, each starting at a multiple of
     segment header (64 bytes, little-endian)
     off size field
       0    8 magic        b"SHMFLSEG"
-      8    2 version      u16 = 2
+      8    2 version      u16 = 3
      10    2 header_size  u16 = 64
      12    4 used         u32  bytes of record area after the header, multiple of 8
      16    8 seq          u64  seal sequence number
      24    8 address      u64  file offset of this segment (self-locating check)
-     32    4 payload_crc  u32  zlib.crc32 of segment bytes [64, 64 + used)
+     32    4 payload_crc  u32  CRC-32C of segment bytes [64, 64 + used)
      36   24 reserved     zero
-     60    4 header_crc   u32  zlib.crc32 of header bytes [0, 60)
+     60    4 header_crc   u32  CRC-32C of header bytes [0, 60)
     record area (used bytes), then zeros up to pad_block(64 + used)
 
 The record area holds records back to back, each 8-aligned::
@@ -44,12 +44,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import crc32c as _crc32c
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 BLOCK = 4096
 SEGMENT_MAGIC = b"SHMFLSEG"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SEGMENT_HEADER_SIZE = 64
 RECORD_HEADER_SIZE = 8
 RECORD_ALIGN = 8
@@ -76,6 +78,19 @@ _VALID_KINDS = frozenset((KIND_DATA, KIND_ABANDONED))
 # Bound once: pack_record_header runs once per appended record.
 _pack_record_into = RECORD_HEADER.pack_into
 _unpack_record_from = RECORD_HEADER.unpack_from
+
+
+def crc(data: ReadableBuffer, value: int = 0) -> int:
+    """CRC-32C (Castagnoli) of *data*, continuing from the CRC *value* of the bytes
+    before it: ``crc(b, crc(a)) == crc(a + b)``.  The only CRC of the format (both
+    header fields); ``docs/format.md`` section 4 defines it.
+
+    Hardware-assisted (SSE 4.2, ARMv8 CRC) where the CPU has it.  Takes any
+    buffer, a memoryview of shared memory included, without copying it, and
+    releases the GIL for buffers of 32 KiB and more, so the flusher's write threads
+    compute CRCs in parallel with each other and with pwrite(2).
+    """
+    return _crc32c.crc32c(data, value)
 
 
 def record_size(n: int) -> int:
@@ -134,7 +149,7 @@ def write_segment_header(
         # Explicit release of every slice: buf is usually an mmap, which refuses to
         # close while a memoryview of it is alive.
         with view[body_start : body_start + used] as body:
-            payload_crc = zlib.crc32(body)
+            payload_crc = crc(body)
         _SEGMENT_HEAD.pack_into(
             buf,
             offset,
@@ -147,7 +162,7 @@ def write_segment_header(
             payload_crc,
         )
         with view[offset : offset + _HEADER_CRC_OFFSET] as head:
-            header_crc = zlib.crc32(head)
+            header_crc = crc(head)
     _HEADER_CRC.pack_into(buf, offset + _HEADER_CRC_OFFSET, header_crc)
 
 
@@ -187,7 +202,7 @@ def parse_segment_header(  # noqa: PLR0911
             return f"header size {header_size}, expected {SEGMENT_HEADER_SIZE}"
         (header_crc,) = _HEADER_CRC.unpack_from(view, _HEADER_CRC_OFFSET)
         with view[:_HEADER_CRC_OFFSET] as head:
-            if zlib.crc32(head) != header_crc:
+            if crc(head) != header_crc:
                 return "header CRC mismatch"
     if used % RECORD_ALIGN:
         return f"used length {used} is not a multiple of {RECORD_ALIGN}"
@@ -198,6 +213,29 @@ def parse_segment_header(  # noqa: PLR0911
         # payload found while resynchronising.
         return f"segment claims address {address}"
     return SegmentHeader(used=used, seq=seq, address=address, payload_crc=payload_crc)
+
+
+# Versions of the format that earlier development builds wrote, and the CRC each
+# used for header_crc: enough to recognise their files, not to read them.
+_OLDER_VERSIONS = {2: zlib.crc32}
+
+
+def older_version(data: ReadableBuffer) -> int | None:
+    """The version, if ``data`` starts with an intact segment header of an earlier,
+    unreadable format version (magic, size and that version's header CRC all check
+    out); else None.  Tells "written by an older shmflush" from damage: a flipped
+    version field fails the old CRC too.
+    """
+    with memoryview(data) as view:
+        if view.nbytes < SEGMENT_HEADER_SIZE:
+            return None
+        magic, version, header_size, *_ = _SEGMENT_HEAD.unpack_from(view)
+        old_crc = _OLDER_VERSIONS.get(version)
+        if magic != SEGMENT_MAGIC or header_size != SEGMENT_HEADER_SIZE or old_crc is None:
+            return None
+        (header_crc,) = _HEADER_CRC.unpack_from(view, _HEADER_CRC_OFFSET)
+        with view[:_HEADER_CRC_OFFSET] as head:
+            return version if old_crc(head) == header_crc else None
 
 
 _PAD_SCAN = 1 << 16

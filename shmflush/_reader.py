@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-from ._errors import CorruptFileError
+from ._errors import CorruptFileError, UnsupportedFormatError
 from ._format import (
     BLOCK,
     KIND_ABANDONED,
@@ -32,8 +31,10 @@ from ._format import (
     SEGMENT_MAGIC,
     SegmentHeader,
     check_records,
+    crc,
     is_padding,
     iter_records,
+    older_version,
     pad_block,
     parse_segment_header,
     record_size,
@@ -225,7 +226,7 @@ class Reader:
         body_start = p + SEGMENT_HEADER_SIZE
         if SEGMENT_HEADER_SIZE + used <= _WHOLE_SEGMENT_LIMIT:
             body = self._get(body_start, used)
-            if zlib.crc32(body) != header.payload_crc:
+            if crc(body) != header.payload_crc:
                 return "payload CRC mismatch"
             problem = check_records(body)
             return header if problem is None else f"malformed {problem}"
@@ -234,13 +235,13 @@ class Reader:
     def _check_large_body(self, body_start: int, header: SegmentHeader) -> SegmentHeader | str:
         """Streamed CRC and record walk over a body bigger than ``_WHOLE_SEGMENT_LIMIT``."""
         used = header.used
-        crc = 0
+        crc_so_far = 0
         next_record = 0  # record-area offset of the next record header
         pos = 0
         while pos < used:
             n = min(_READ_CHUNK, used - pos)
             chunk = self._get(body_start + pos, n)
-            crc = zlib.crc32(chunk, crc)
+            crc_so_far = crc(chunk, crc_so_far)
             # Records start 8-aligned and chunks are cut at multiples of 8, so a
             # record header never straddles two chunks.
             while next_record < pos + n:
@@ -253,7 +254,7 @@ class Reader:
                     return f"malformed {problem}"
                 next_record += record_size(length)
             pos += n
-        if crc != header.payload_crc:
+        if crc_so_far != header.payload_crc:
             return "payload CRC mismatch"
         return header
 
@@ -294,6 +295,12 @@ class Reader:
         while p < size:
             checked = self._check_segment(p)
             if isinstance(checked, str):
+                if checked.startswith("unsupported format version"):
+                    version = older_version(self._get(p, SEGMENT_HEADER_SIZE))
+                    if version is not None:
+                        # Not damage: every segment would fail the same way, and a
+                        # tolerant reader would return nothing without saying why.
+                        raise UnsupportedFormatError(self.path, p, version)
                 # A zero tail (preallocated, or never written) ends the file cleanly.
                 if p >= self._nonzero_end():
                     break
@@ -361,6 +368,10 @@ def read(path: str | os.PathLike[str], *, strict: bool = True) -> Reader:
     * ``strict=False``: the stretch is skipped, the scan resynchronises at the next
       4 KiB boundary holding a valid segment, and a :class:`Damage` is appended
       to ``reader.damaged``.
+
+    A segment written in an earlier version of the file format (an intact header
+    of that version) is not damage: iteration raises
+    :class:`~shmflush.UnsupportedFormatError` there, in both modes.
 
     Guarantee: no payload is ever returned from a segment whose header CRC,
     self-declared address, payload CRC or record structure fails.
@@ -497,7 +508,7 @@ def _scan_window_backward(reader: _AlignedReader, lo: int, top: int) -> tuple[in
 
 def _payload_crc(reader: _AlignedReader, segment_start: int, used: int) -> int:
     """CRC of the record area of the segment at ``segment_start``, read in chunks."""
-    crc = 0
+    crc_so_far = 0
     # Reads start at block boundaries (O_DIRECT); the header is skipped in the first.
     body_start = segment_start + SEGMENT_HEADER_SIZE
     body_end = body_start + used
@@ -509,6 +520,6 @@ def _payload_crc(reader: _AlignedReader, segment_start: int, used: int) -> int:
             if chunk.nbytes < end - start:
                 return -1  # file shrank: cannot match a real CRC
             with chunk[skip : end - start] as part:
-                crc = zlib.crc32(part, crc)
+                crc_so_far = crc(part, crc_so_far)
         start = end
-    return crc
+    return crc_so_far

@@ -8,7 +8,7 @@ rejected.
 
 Exit status: 0 when the file has no damage, 1 when it has some, 2 on a usage
 error or when the file cannot be read (missing, not a regular file, I/O error,
-changed while being read).
+changed while being read, written in an earlier format version).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ._errors import CorruptFileError
+from ._errors import CorruptFileError, UnsupportedFormatError
 from ._reader import Damage, read
 
 PROG = "python -m shmflush verify"
@@ -84,7 +84,9 @@ def scan(path: str) -> Report:
 
     Raises :class:`OSError` if the file cannot be opened or read, and
     :class:`~shmflush.CorruptFileError` only if the file changed under the scan
-    (damage as such is reported, not raised).
+    (damage as such is reported, not raised), or its subclass
+    :class:`~shmflush.UnsupportedFormatError` for a file of an earlier format
+    version.
     """
     st = os.stat(path)
     # A FIFO or device would block or never end; a directory reads as EISDIR later.
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = scan(path)
     except (OSError, CorruptFileError) as exc:
-        if isinstance(exc, CorruptFileError):
+        if isinstance(exc, UnsupportedFormatError):
+            message = str(exc)
+        elif isinstance(exc, CorruptFileError):
             message = f"{path}: {exc.reason} at byte offset {exc.offset}; run verify again"
         elif exc.strerror:
             message = f"cannot read {path}: {exc.strerror}"

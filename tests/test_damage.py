@@ -27,6 +27,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import crc32c
 import pytest
 
 import shmflush
@@ -410,7 +411,7 @@ def _with_header(data: bytes, seg: Segment, *, used: int) -> bytes:
     (so only the checks after the CRC stand in the way)."""
     header = bytearray(data[seg.start : seg.start + SEGMENT_HEADER_SIZE])
     struct.pack_into("<I", header, 12, used)
-    struct.pack_into("<I", header, 60, zlib.crc32(header[:60]))
+    struct.pack_into("<I", header, 60, crc32c.crc32c(header[:60]))
     return data[: seg.start] + bytes(header) + data[seg.start + SEGMENT_HEADER_SIZE :]
 
 
@@ -576,3 +577,21 @@ def test_verify_of_an_empty_file_is_clean(
     path = _write(tmp_path / "empty", b"")
     assert _verify.main(["--quiet", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"OK {path}: 0 segments, 0 records")
+
+
+def test_verify_refuses_a_version_2_file_with_exit_2_and_says_why(
+    small: Sample, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bytearray(small.data)
+    for seg in small.segments:
+        # What format version 2 wrote: version 2, zlib's CRC-32 for both CRCs.
+        struct.pack_into("<H", data, seg.start + 8, 2)
+        body = data[seg.start + SEGMENT_HEADER_SIZE : seg.start + SEGMENT_HEADER_SIZE + seg.used]
+        struct.pack_into("<I", data, seg.start + 32, zlib.crc32(body))
+        struct.pack_into("<I", data, seg.start + 60, zlib.crc32(data[seg.start : seg.start + 60]))
+    path = _write(tmp_path / "v2", bytes(data))
+    assert _verify.main(["--json", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "written in shmflush file format version 2" in captured.err
+    assert "run verify again" not in captured.err
+    assert '"ok": false' in captured.out

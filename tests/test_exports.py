@@ -25,6 +25,7 @@ PUBLIC = {
     "RingTimeoutError",
     "ShmflushError",
     "Stats",
+    "UnsupportedFormatError",
     "attach",
     "create",
     "read",
@@ -42,6 +43,7 @@ ERRORS = {
     "RingNotFoundError",
     "RingTimeoutError",
     "ShmflushError",
+    "UnsupportedFormatError",
 }
 
 

@@ -7,6 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import crc32c
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -36,7 +37,7 @@ U64 = st.integers(0, 2**64 - 1)
 def craft_header(
     *,
     magic: bytes = b"SHMFLSEG",
-    version: int = 2,
+    version: int = 3,
     header_size: int = 64,
     used: int = 0,
     seq: int = 0,
@@ -52,7 +53,7 @@ def craft_header(
         + reserved
     )
     assert len(head) == 60
-    crc = zlib.crc32(head) if header_crc is None else header_crc
+    crc = crc32c.crc32c(head) if header_crc is None else header_crc
     return head + struct.pack("<I", crc)
 
 
@@ -72,7 +73,7 @@ def build_area(records: list[tuple[int, bytes]]) -> bytearray:
 def test_constants_match_the_spec() -> None:
     assert BLOCK == 4096
     assert _format.SEGMENT_MAGIC == b"SHMFLSEG"
-    assert _format.FORMAT_VERSION == 2
+    assert _format.FORMAT_VERSION == 3
     assert SEGMENT_HEADER_SIZE == 64
     assert _format.RECORD_HEADER_SIZE == 8
     assert _format.RECORD_ALIGN == 8
@@ -145,13 +146,13 @@ def test_write_segment_header_matches_the_spec_table(
     buf = bytearray(b"\xaa" * offset) + bytearray(64) + area + bytearray(16)
     address = block_index * BLOCK
     write_segment_header(buf, offset, used=used, seq=seq, address=address)
-    expected = craft_header(used=used, seq=seq, address=address, payload_crc=zlib.crc32(area))
+    expected = craft_header(used=used, seq=seq, address=address, payload_crc=crc32c.crc32c(area))
     assert bytes(buf[offset : offset + 64]) == expected
     # Nothing outside the header is touched.
     assert buf[:offset] == b"\xaa" * offset
     assert buf[offset + 64 : offset + 64 + used] == area
     assert parse_segment_header(buf[offset:], address) == SegmentHeader(
-        used=used, seq=seq, address=address, payload_crc=zlib.crc32(area)
+        used=used, seq=seq, address=address, payload_crc=crc32c.crc32c(area)
     )
 
 
@@ -192,7 +193,8 @@ def test_parse_segment_header_reports_each_check() -> None:
     assert parse_segment_header(good, 8192) == SegmentHeader(16, 3, 8192, 77)
     cases = {
         "bad magic": craft_header(magic=b"SHMFLSEH"),
-        "unsupported format version 3": craft_header(version=3),
+        "unsupported format version 4": craft_header(version=4),
+        "unsupported format version 2": craft_header(version=2),
         "unsupported format version 1": craft_header(version=1),
         "header size 128, expected 64": craft_header(header_size=128),
         "header CRC mismatch": craft_header(used=16, header_crc=1234),
@@ -306,10 +308,10 @@ def test_empty_record_area_has_no_records() -> None:
 # -- golden bytes ----------------------------------------------------------------
 
 EXAMPLE_DUMP = """\
-00000000  53 48 4d 46 4c 53 45 47  02 00 40 00 38 00 00 00  |SHMFLSEG..@.8...|
+00000000  53 48 4d 46 4c 53 45 47  03 00 40 00 38 00 00 00  |SHMFLSEG..@.8...|
 00000010  07 00 00 00 00 00 00 00  00 20 00 00 00 00 00 00  |......... ......|
-00000020  45 f1 42 94 00 00 00 00  00 00 00 00 00 00 00 00  |E.B.............|
-00000030  00 00 00 00 00 00 00 00  00 00 00 00 47 11 c0 98  |............G...|
+00000020  79 34 11 f0 00 00 00 00  00 00 00 00 00 00 00 00  |y4..............|
+00000030  00 00 00 00 00 00 00 00  00 00 00 00 bc 80 48 70  |..............Hp|
 00000040  05 00 00 00 01 00 f1 5a  68 65 6c 6c 6f 00 00 00  |.......Zhello...|
 00000050  04 00 00 00 02 00 f1 5a  00 00 00 00 00 00 00 00  |.......Z........|
 00000060  09 00 00 00 01 00 f1 5a  73 68 6d 66 6c 75 73 68  |.......Zshmflush|
@@ -329,6 +331,53 @@ def test_worked_example_bytes_are_stable_and_documented() -> None:
     )
     assert bytes(buf[:128]) == expected
     assert buf[128:] == bytes(BLOCK - 128)
-    assert zlib.crc32(b"123456789") == 0xCBF43926  # the check value the spec quotes
+    # The CRCs the spec quotes, from the spec's definition (not from _format).
+    assert reference_crc32c(expected[64:120]) == 0xF0113479
+    assert reference_crc32c(expected[:60]) == 0x704880BC
     doc = Path(__file__).resolve().parent.parent / "docs" / "format.md"
     assert EXAMPLE_DUMP in doc.read_text()
+
+
+# -- the CRC ---------------------------------------------------------------------
+
+
+def reference_crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C exactly as docs/format.md section 4 defines it, bit by bit: reflected
+    polynomial 0x82F63B78, initial value and final XOR 0xFFFFFFFF."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_the_crc_check_value_is_the_one_the_spec_quotes() -> None:
+    assert reference_crc32c(b"123456789") == 0xE3069283
+    assert _format.crc(b"123456789") == 0xE3069283
+    assert _format.crc(b"") == 0
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_the_crc_is_the_spec_crc32c_and_continues_across_pieces(a: bytes, b: bytes) -> None:
+    assert _format.crc(a + b) == reference_crc32c(a + b)
+    assert _format.crc(b, _format.crc(a)) == _format.crc(a + b)
+
+
+def test_the_crc_reads_shared_memory_in_place() -> None:
+    # The flusher hands it a writable memoryview of an mmap (no copy).
+    with mmap.mmap(-1, BLOCK) as m:
+        m[:9] = b"123456789"
+        with memoryview(m) as view, view[:9] as part:
+            assert _format.crc(part) == 0xE3069283
+
+
+def test_older_version_recognises_an_intact_version_2_header_only() -> None:
+    head = bytearray(craft_header(version=2, used=16, address=4096))
+    struct.pack_into("<I", head, 60, zlib.crc32(head[:60]))  # version 2's header CRC
+    assert _format.older_version(head) == 2
+    assert parse_segment_header(head, 4096) == "unsupported format version 2"
+    # A version field flipped to 2 by damage fails version 2's CRC: damage, not old.
+    assert _format.older_version(craft_header(version=2, used=16, address=4096)) is None
+    assert _format.older_version(craft_header(used=16)) is None
+    assert _format.older_version(head[:63]) is None

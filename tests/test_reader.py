@@ -11,10 +11,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import shmflush
 from shmflush import _reader
 from shmflush._errors import CorruptFileError
 from shmflush._format import (
@@ -287,14 +289,14 @@ def test_payload_bit_flip_is_reported_and_skipped(tmp_path: Path, limits: str) -
 def craft_header(*, used: int, address: int, payload_crc: int, seq: int = 0) -> bytes:
     head = b"SHMFLSEG" + struct.pack("<HHIQQI", FORMAT_VERSION, 64, used, seq, address, payload_crc)
     head += bytes(24)
-    return head + struct.pack("<I", zlib.crc32(head))
+    return head + struct.pack("<I", crc32c.crc32c(head))
 
 
 def test_malformed_records_under_a_valid_crc_are_damage(tmp_path: Path, limits: str) -> None:
     # A writer bug rather than disk damage, but the reader must not trust it.
     body = bytearray(16)
     struct.pack_into("<IHH", body, 0, 8, 0, 0x5AF1)  # kind 0
-    seg = bytearray(craft_header(used=16, address=0, payload_crc=zlib.crc32(body)))
+    seg = bytearray(craft_header(used=16, address=0, payload_crc=crc32c.crc32c(body)))
     seg += body + bytes(BLOCK - 80)
     good = build_segment(payloads(40, [8]), seq=1, address=BLOCK)
     got, reader = read_all(write(tmp_path / "f", seg + good), strict=False)
@@ -493,3 +495,46 @@ def test_append_point_works_on_an_o_direct_fd(tmp_path: Path, limits: str) -> No
         assert find_append_point(fd) == (layout.starts[2], 43)
     finally:
         os.close(fd)
+
+
+# -- files of an earlier format version ----------------------------------------------
+
+
+def as_version_2(segment: bytearray) -> bytearray:
+    """*segment* rewritten the way format version 2 wrote it: version 2, both CRCs
+    zlib's CRC-32."""
+    (used,) = struct.unpack_from("<I", segment, 12)
+    struct.pack_into("<H", segment, 8, 2)
+    struct.pack_into("<I", segment, 32, zlib.crc32(segment[64 : 64 + used]))
+    struct.pack_into("<I", segment, 60, zlib.crc32(segment[:60]))
+    return segment
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_version_2_file_is_refused_with_an_error_naming_both_versions(
+    tmp_path: Path, strict: bool
+) -> None:
+    layout = build_file([payloads(1, [10, 20]), payloads(2, [30])])
+    old = bytearray()
+    for i, start in enumerate(layout.starts):
+        end = layout.starts[i + 1] if i + 1 < len(layout.starts) else len(layout.data)
+        old += as_version_2(layout.data[start:end])
+    path = write(tmp_path / "old", old)
+    with read(path, strict=strict) as reader:
+        with pytest.raises(shmflush.UnsupportedFormatError) as info:
+            list(reader)
+        assert reader.damaged == []
+    error = info.value
+    assert isinstance(error, shmflush.CorruptFileError)  # old handlers still catch it
+    assert (error.version, error.offset, error.path) == (2, 0, str(path))
+    assert "format version 2" in str(error)
+    assert f"reads format version {FORMAT_VERSION} only" in str(error)
+    assert "corrupt" not in str(error)
+
+
+def test_a_version_field_damaged_to_2_is_damage_not_an_old_file(tmp_path: Path) -> None:
+    layout = build_file([payloads(1, [10]), payloads(2, [30])])
+    struct.pack_into("<H", layout.data, 8, 2)  # version 2, but version 3's CRCs
+    got, reader = read_all(write(tmp_path / "f", layout.data), strict=False)
+    assert got == layout.data_of(1)
+    assert reader.damaged == [Damage(0, layout.starts[1], "unsupported format version 2")]
