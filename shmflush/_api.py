@@ -474,7 +474,7 @@ class Ring:
                     )
                     break
                 time.sleep(0.005)
-            supervisor.stop()
+            supervisor.stop(drained=error is None)
             error = _drain_error(core, error)
         finally:
             # Only if the name is still ours: the segment may have been removed

@@ -296,17 +296,20 @@ class Supervisor:
 
     # -- stopping ------------------------------------------------------------------------
 
-    def stop(self) -> None:
+    def stop(self, *, drained: bool) -> None:
         """After the owner's drain: stop the watchdog, then reap every flusher this
-        handle started, each given :data:`EXIT_GRACE` seconds to exit before it
-        is killed."""
+        handle started.  One that *drained* gets :data:`EXIT_GRACE` seconds to
+        exit before it is killed; after a drain that did not finish (close()'s
+        timeout ran out) it is killed at once, so close() returns at its timeout
+        and no flusher runs on unsupervised."""
         self.stop_watching()
         for proc in {id(p): p for p in [self.flusher, *self.spawned] if p}.values():
-            try:
-                proc.wait(EXIT_GRACE)
-                continue
-            except subprocess.TimeoutExpired:
-                pass
+            if drained:
+                try:
+                    proc.wait(EXIT_GRACE)
+                    continue
+                except subprocess.TimeoutExpired:
+                    pass
             _kill(proc)
         self.flusher = None
         self.spawned = []
