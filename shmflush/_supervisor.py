@@ -140,6 +140,33 @@ def drain(name: str, timeout: float) -> tuple[int, str]:
     return proc.returncode, err.decode(errors="replace")
 
 
+def _file_is_gone(core: Core) -> bool:
+    """Does the path in the ring's header name nothing any more (stat(2): ENOENT,
+    ENOTDIR)?  Any other error (EACCES) is left for the flusher to report."""
+    path = L.read_path(core.view)
+    if not path:
+        return False
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _break_for_lost_file(core: Core) -> None:
+    """The ring's file is gone and no flusher runs: none ever can again (a restart
+    opens the file by its path).  Break the ring with that cause, and mark the
+    flusher done, so that nobody waits for one (the loss is reported by the
+    owner's close()).  The cause goes first: a writer that sees BROKEN reads it
+    next.  A ring already broken keeps the cause it was broken for."""
+    if not core.status() & L.STATUS_BROKEN:
+        core.set_header(L.H_ERROR_KIND, L.ERROR_FILE_DELETED)
+        core.set_header(L.H_STALL_ERRNO, 0)
+    core.set_status(L.STATUS_BROKEN | L.STATUS_FLUSHER_DONE)
+
+
 class Supervisor:
     """The flusher processes one ring handle of this process started, and (in
     the owner) the watchdog that restarts the flusher when it dies.
@@ -223,7 +250,8 @@ class Supervisor:
 
         Several processes may call this at once: one of them spawns, and the file
         lock would let only one flusher run anyway.  Returns False if no flusher
-        can ever run again (it finished), else True.
+        can ever run again (it finished, or the file is gone: the ring is then
+        broken with that cause), else True.
         """
         if core.status() & L.STATUS_FLUSHER_DONE:
             return False
@@ -239,6 +267,11 @@ class Supervisor:
         swapped, _ = _atomic.compare_exchange(core.base + L.H_RESTART_AT, stamp, now)
         if not swapped:
             return True
+        if _file_is_gone(core) and not flusher_alive(core):
+            # A restarted flusher opens the file by its path: it would die on
+            # ENOENT, and be restarted, every few seconds for ever.
+            _break_for_lost_file(core)
+            return False
         self.spawned = [p for p in self.spawned if p.poll() is None]
         proc = _spawn(self.name, None)
         self.spawned.append(proc)
