@@ -346,6 +346,7 @@ class Supervisor:
             _kill(proc)
         self.flusher = None
         self.spawned = []
+        reap()  # and those of this process's closed attached handles
 
     def kill(self) -> None:
         """Kill and reap every flusher this handle started (a create() that failed)."""
