@@ -11,7 +11,6 @@ import math
 import os
 import re
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import _atomic, _faults, _fence, _format, _proc
+from . import _faults, _fence, _format, _proc, _supervisor
 from . import _layout as L
 from ._errors import (
     ForeignFileError,
@@ -48,9 +47,6 @@ _KIND_ABANDONED: Final = _format.KIND_ABANDONED
 # an eighth of a buffer, if less): large enough to amortise the atomic, small
 # enough that a claim that does not fit wastes little of a buffer.
 _BATCH_BYTES: Final = 64 << 10
-
-_FLUSHER_START_TIMEOUT: Final = 30.0
-_RESTART_GRACE_NS: Final = 3_000_000_000
 
 
 class DirectIOWarning(RuntimeWarning):
@@ -123,10 +119,8 @@ class Ring:
         self._core: _Core | None = core
         self._owner_pid = os.getpid() if owner else 0
         self._pid = os.getpid()
-        self._flusher: subprocess.Popen[bytes] | None = None
-        self._watchdog: threading.Thread | None = None
-        self._spawned: list[subprocess.Popen[bytes]] = []
-        self._closing = False
+        # The flusher processes this handle starts, and the owner's watchdog.
+        self._supervisor = _supervisor.Supervisor(core.name)
         # close() takes no lock (an exception can leave no lock held): the first
         # closer claims this dict's key with setdefault, which is atomic.
         self._closer: dict[str, int] = {}
@@ -147,17 +141,9 @@ class Ring:
         self._capacity = core.capacity
         self._max_record = core.max_record
         self._pack = _format.RECORD_HEADER.pack_into
-        # A weak reference: the mapping must not be kept alive by a cycle
-        # (core -> callback -> handle -> core), or an unreferenced handle would
-        # hold its mapping and fd until the cyclic collector runs.
-        me = weakref.ref(self)
-
-        def restart() -> None:
-            handle = me()
-            if handle is not None and handle._core is not None:
-                handle._restart_flusher(handle._core)
-
-        core.restart_flusher = restart
+        # A writer of this handle that waits for space and finds the flusher dead
+        # restarts it through our supervisor.
+        self._supervisor.hook(core)
         _live_rings.add(self)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -166,9 +152,7 @@ class Ring:
         self._tls = threading.local()
         self._slots = {}
         self._closer = {}
-        self._flusher = None
-        self._watchdog = None
-        self._spawned = []
+        self._supervisor.forked()
         self._records = self._bytes = 0
         if self._core is not None:
             self._core.waits = self._core.abandoned = 0
@@ -319,10 +303,9 @@ class Ring:
         self._slots = {}
         if self._is_owner():
             error = self._shutdown(core, timeout)
-        # A flusher this process restarted runs on after we close; keep its
-        # Popen where the garbage collector cannot drop it while it runs.
-        _detached.extend(p for p in self._spawned if p.poll() is None)
-        self._spawned = []
+        # A flusher this handle restarted runs on after we close (the owner's
+        # were stopped by _shutdown): the supervisor reaps it later.
+        self._supervisor.release()
         self._tls = threading.local()
         _forget_attached(self)
         if unmap:
@@ -374,91 +357,30 @@ class Ring:
     def _shutdown(self, core: _Core, timeout: float | None) -> ShmflushError | None:
         error: ShmflushError | None = None
         deadline = _deadline(timeout)
+        supervisor = self._supervisor
         try:
-            self._closing = True
+            # From here on this thread restarts the flusher, not the watchdog.
+            supervisor.stop_watching(wait=False)
             core.set_status(L.STATUS_CLOSING)
             core.wake_flusher()
             # Wait for the flusher (whichever process runs it now: it may have been
             # restarted) to report that it drained everything.
             while not core.status() & L.STATUS_FLUSHER_DONE:
-                if not core.flusher_alive():
-                    self._restart_flusher(core)
+                if not _supervisor.flusher_alive(core):
+                    supervisor.restart(core)
                 if deadline is not None and time.monotonic() > deadline:
                     error = RingTimeoutError(
                         f"ring {self.name!r}: the flusher did not drain within {timeout} s"
                     )
                     break
                 time.sleep(0.005)
-            if self._watchdog is not None:
-                self._watchdog.join(5.0)
-            for flusher in {id(p): p for p in [self._flusher, *self._spawned] if p}.values():
-                try:
-                    flusher.wait(5.0)
-                except subprocess.TimeoutExpired:
-                    flusher.kill()
-                    flusher.wait()
+            supervisor.stop(drained=error is None)
             error = _drain_error(core, error)
         finally:
             # Only if the name is still ours: the segment may have been removed
             # behind our back and the name given to a new ring.
             L.unlink_segment_if_same(self.name, core.header(L.H_RING_ID))
         return error
-
-    def _restart_flusher(self, core: _Core) -> None:
-        """Start a new flusher on the ring's file (see _flusher's --restart).
-
-        Several processes may do this at once; the file lock lets one flusher run
-        and the others exit at once.
-        """
-        if core.status() & L.STATUS_FLUSHER_DONE:
-            return
-        # One restart at a time across all processes: whoever moves the restart
-        # stamp spawns; the new flusher clears the stamp once it runs.  A stamp
-        # older than the grace is a restarter that died first.  (The file lock
-        # would stop a second flusher anyway, but not the cost of starting one
-        # Python process per waiting writer.)
-        now = time.monotonic_ns()
-        stamp = core.header(L.H_RESTART_AT)
-        if stamp and now - stamp < _RESTART_GRACE_NS:
-            return
-        swapped, _ = _atomic.compare_exchange(core.base + L.H_RESTART_AT, stamp, now)
-        if not swapped:
-            return
-        # Keep every flusher we started, so each is reaped (no zombie, and no
-        # Popen dropped while it runs); the file lock leaves only one of them
-        # running.
-        self._spawned = [p for p in self._spawned if p.poll() is None]
-        proc = _start_flusher(self.name, None)
-        self._spawned.append(proc)
-        if self._is_owner():
-            self._flusher = proc
-        deadline = time.monotonic() + _FLUSHER_START_TIMEOUT
-        while not core.flusher_alive() and proc.poll() is None:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.005)
-
-    def _watch_flusher(self) -> None:
-        """Owner thread: restart the flusher whenever it dies before close()."""
-        while not self._closing:
-            flusher = self._flusher
-            core = self._core
-            if flusher is None or core is None:
-                return
-            try:
-                flusher.wait(0.25)  # our own child: reaped as soon as it exits
-                continue_waiting = False
-            except subprocess.TimeoutExpired:
-                continue_waiting = True
-            if self._closing or core.mm is None or core.status() & L.STATUS_FLUSHER_DONE:
-                return
-            if continue_waiting or core.flusher_alive():
-                if not continue_waiting:
-                    time.sleep(0.25)  # another process's flusher runs the ring
-                continue
-            with contextlib.suppress(Exception):
-                self._restart_flusher(core)
-            time.sleep(0.05)
 
     def __del__(self) -> None:
         # Safety net only: never raises, never blocks, does nothing in a forked
@@ -813,7 +735,7 @@ class Ring:
             if status & L.STATUS_FLUSHER_DONE:
                 raise RingBrokenError(f"ring {self.name!r}: the flusher stopped before sync")
             if not core.flusher_alive():
-                self._restart_flusher(core)
+                self._supervisor.restart(core)
             if deadline is not None and time.monotonic() >= deadline:
                 raise core.timeout_error(
                     f"ring {self.name!r}: {len(waiting)} buffers not durable within {timeout} s"
@@ -1291,18 +1213,18 @@ def create(
             mm.close()
             raise
         core.create_semaphores(mode)
-        ring = Ring(core, owner=True)
-        ring._flusher = _start_flusher(name, fd)
-        core.set_header(L.H_FLUSHER_PID, ring._flusher.pid)
-        _wait_for_flusher(ring, core, path)
-        ring._watchdog = threading.Thread(
-            target=ring._watch_flusher, name=f"shmflush-watch-{name}", daemon=True
-        )
-        ring._watchdog.start()
+        ring = owner = Ring(core, owner=True)
+        if not owner._supervisor.start(core, fd, path):
+            warnings.warn(
+                f"O_DIRECT is not supported by the file system of {path}; falling back to "
+                "buffered writes plus fdatasync",
+                DirectIOWarning,
+                stacklevel=2,
+            )
+        owner._supervisor.watch(lambda: owner._core)
     except BaseException:
-        if ring is not None and ring._flusher is not None:
-            ring._flusher.kill()
-            ring._flusher.wait()
+        if ring is not None:
+            ring._supervisor.kill()
         if core is not None:
             core.unmap()
         if created:
@@ -1415,59 +1337,18 @@ def _remove_dead_ring(name: str, wait: float = 10.0) -> None:
                 f"its owner (pid {owner}) is alive; exist_ok=True only replaces rings "
                 "whose owner died",
             )
-        flusher = core.header(L.H_FLUSHER_PID), core.header(L.H_FLUSHER_START)
         deadline = time.monotonic() + wait
-        while _proc.is_alive(*flusher):
+        while flusher := _supervisor.flusher_pid(core):
             if time.monotonic() > deadline:
                 raise RingExistsError(
                     name,
-                    f"its owner (pid {owner}) died, but its flusher (pid {flusher[0]}) "
+                    f"its owner (pid {owner}) died, but its flusher (pid {flusher}) "
                     f"is still draining it after {wait:g} s; try again once it exits",
                 )
             time.sleep(0.01)
     finally:
         core.unmap()
     L.unlink_segment(name)
-
-
-def _start_flusher(name: str, fd: int | None) -> subprocess.Popen[bytes]:
-    """Start ``python -m shmflush flusher``: on the inherited, locked *fd*, or
-    (``None``) as a restart that opens the file named in the ring's header."""
-    env = dict(os.environ)
-    # The flusher imports this very package, even when it is not installed.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(
-        [sys.executable, "-m", "shmflush", "flusher", name]
-        + (["--restart"] if fd is None else ["--fd", str(fd)]),
-        pass_fds=() if fd is None else (fd,),
-        stdin=subprocess.DEVNULL,
-        env=env,
-        # Its own session: a terminal's Ctrl-C or hang-up must not kill the flusher
-        # while the owner is still draining through it.
-        start_new_session=True,
-    )
-
-
-def _wait_for_flusher(ring: Ring, core: _Core, path: str) -> None:
-    flusher = ring._flusher
-    assert flusher is not None
-    deadline = time.monotonic() + _FLUSHER_START_TIMEOUT
-    while core.header(L.H_DIRECT_IO) == L.DIRECT_UNKNOWN:
-        if core.status() & L.STATUS_FLUSHER_DONE or flusher.poll() is not None:
-            errno = core.header(L.H_ERROR_ERRNO)
-            detail = f": [Errno {errno}] {os.strerror(errno)}" if errno else ""
-            raise ShmflushError(f"the flusher for {path} failed to start{detail}")
-        if time.monotonic() > deadline:
-            raise RingTimeoutError(f"the flusher did not start within {_FLUSHER_START_TIMEOUT} s")
-        time.sleep(0.002)
-    if core.header(L.H_DIRECT_IO) == L.DIRECT_OFF:
-        warnings.warn(
-            f"O_DIRECT is not supported by the file system of {path}; falling back to "
-            "buffered writes plus fdatasync",
-            DirectIOWarning,
-            stacklevel=3,
-        )
 
 
 def attach(name: str) -> Ring:
@@ -1483,8 +1364,6 @@ def attach(name: str) -> Ring:
 
 
 _owned: weakref.WeakSet[Ring] = weakref.WeakSet()
-# Flusher processes this process started for rings it does not own.
-_detached: list[subprocess.Popen[bytes]] = []
 
 
 @atexit.register

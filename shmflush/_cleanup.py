@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 
 from . import _layout as L
-from . import _proc
+from . import _proc, _supervisor
 from ._errors import ShmflushError
 from ._ring import attach_ring
 
@@ -27,20 +26,9 @@ def _rings() -> list[str]:
 def _drain(name: str, timeout: float) -> str:
     """Run a flusher on the dead ring: it sees the owner dead, drains every
     committed fill to the ring's file and unlinks the ring."""
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env.pop("SHMFLUSH_CRASH_AT", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "shmflush", "flusher", name, "--restart"],
-        env=env,
-        timeout=timeout,
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode:
-        return f"drain failed ({proc.stderr.strip().splitlines()[-1:]})"
+    status, stderr = _supervisor.drain(name, timeout)
+    if status:
+        return f"drain failed ({stderr.strip().splitlines()[-1:]})"
     return "drained to its file"
 
 
@@ -68,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             owner = _proc.is_alive(core.header(L.H_OWNER_PID), core.header(L.H_OWNER_START))
-            flusher = core.flusher_alive()
+            flusher = _supervisor.flusher_alive(core)
             path = L.read_path(core.view).decode(errors="replace")
             ring_id = core.header(L.H_RING_ID)
         finally:

@@ -138,7 +138,7 @@ def _close_fill_with(ring: shmflush.Ring, *, used: int, address: int) -> None:
 def _flusher_died_or_broke(ring: shmflush.Ring) -> bool:
     """Wait until the first flusher exited or marked the ring broken."""
     core = _core(ring)
-    flusher = ring._flusher
+    flusher = ring._supervisor.flusher
     assert flusher is not None
     deadline = time.monotonic() + FLUSHER_DEADLINE_S
     while time.monotonic() < deadline:
@@ -387,7 +387,7 @@ def test_module_functions_reject_wrong_types_naming_the_parameter(
 
 
 def test_close_with_a_bad_timeout_raises_before_closing(ring: shmflush.Ring) -> None:
-    flusher = ring._flusher
+    flusher = ring._supervisor.flusher
     assert flusher is not None
     spare = shmflush.attach(ring.name)  # to clean up if close() leaves the ring behind
     try:
@@ -398,7 +398,7 @@ def test_close_with_a_bad_timeout_raises_before_closing(ring: shmflush.Ring) -> 
         if ring.closed and os.path.exists(os.path.join(SHM_DIR, f"shmflush.{ring.name}")):
             # What _shutdown would have done: stop the owner's flusher watchdog
             # (it would touch the unmapped ring), then drain, stop and unlink.
-            ring._closing = True
+            ring._supervisor.stop_watching()
             spare_core = _core(spare)
             spare_core.set_status(L.STATUS_CLOSING)
             spare_core.wake_flusher()
