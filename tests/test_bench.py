@@ -1,4 +1,4 @@
-"""Tests of the benchmark harness (``shmflush/_bench.py``).
+"""Tests of the benchmark harness (``shmflush/_tools/bench.py``).
 
 No timing is asserted here: only that the harness runs every method, checks what
 each one wrote, reports a failed check as FAILED, and leaves nothing behind.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shmflush import _bench
+from shmflush._tools import bench as _bench
 
 WRITERS = 2
 COUNT = 30

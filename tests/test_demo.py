@@ -1,4 +1,4 @@
-"""Tests of ``python -m shmflush demo`` (``shmflush/_demo.py``).
+"""Tests of ``python -m shmflush demo`` (``shmflush/_tools/demo.py``).
 
 The checker is tested on made-up record streams, each with one kind of damage;
 the demo itself runs end to end in a subprocess, as a user would run it.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shmflush import _demo
+from shmflush._tools import demo as _demo
 
 WRITERS = 3
 RECORDS = 40

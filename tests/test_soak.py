@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import shmflush
-from shmflush import _soak
+from shmflush._tools import soak as _soak
 
 VERDICT = re.compile(
     r"^kills=(?P<kills>\d+) \(writers=(?P<writer_kills>\d+) flusher=\d+\) "

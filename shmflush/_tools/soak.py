@@ -64,10 +64,10 @@ from types import FrameType
 
 import shmflush
 
-from . import _format, _proc
-from . import _layout as L
-from ._api import _default_lanes
-from ._ring import Ring, attach_ring
+from .. import _format, _proc
+from .. import _layout as L
+from .._api import _default_lanes
+from .._ring import Ring, attach_ring
 
 # -- the records -------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ _RETIRED = 3  # exit status: the process used up its writer ids; replace it
 _PR_SET_PDEATHSIG = 1
 
 _WRITER_CODE = (
-    "import sys; from shmflush._soak import writer_main; sys.exit(writer_main(sys.argv[1:]))"
+    "import sys; from shmflush._tools.soak import writer_main; sys.exit(writer_main(sys.argv[1:]))"
 )
 
 
@@ -385,12 +385,12 @@ class _WriterProcess:
         return 1 if self.failure is not None else 0
 
 
-_HERE = os.path.abspath(__file__)
-_LIBRARY = os.path.dirname(_HERE) + os.sep
+_TOOLS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LIBRARY = os.path.dirname(_TOOLS.rstrip(os.sep)) + os.sep
 
 
 def _landed_in_library(exc: BaseException) -> bool:
-    """Whether *exc* was raised in shmflush's own code (not the soak's, not the
+    """Whether *exc* was raised in shmflush's own code (not the tools', not the
     standard library's): the innermost frame of its traceback, the signal
     handler's excepted."""
     where = ""
@@ -401,7 +401,7 @@ def _landed_in_library(exc: BaseException) -> bool:
             where = code.co_filename
         tb = tb.tb_next
     where = os.path.abspath(where)
-    return where.startswith(_LIBRARY) and where != _HERE
+    return where.startswith(_LIBRARY) and not where.startswith(_TOOLS)
 
 
 def writer_main(argv: Sequence[str]) -> int:
