@@ -38,6 +38,8 @@ from .workload import TINY, Workload
 
 #: Examples kept per kind of problem.
 EXAMPLES = 5
+#: The kinds of problem, as Verdict counts them.
+KINDS = ("lost", "duplicated", "out_of_order", "corrupt", "foreign")
 # Past every sequence number a header can hold (64 bits).
 _BEYOND = 1 << 65
 
@@ -108,28 +110,18 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return not (
-            self.lost
-            or self.duplicated
-            or self.out_of_order
-            or self.corrupt
-            or self.foreign
-            or self.read_error
-        )
+        return not (self.read_error or any(getattr(self, kind) for kind in KINDS))
+
+    def describe(self, kind: str) -> str:
+        """``"3 lost (first: ...)"`` for problem *kind* (:data:`KINDS`), or "" if none."""
+        count = getattr(self, kind)
+        if not count:
+            return ""
+        return f"{count} {kind.replace('_', ' ')} (first: {self.examples.get(kind, ['?'])[0]})"
 
     def problems(self) -> list[str]:
-        """One line per kind of problem: its count and first example."""
-        out = [
-            f"{count} {label} (first: {self.examples.get(kind, ['?'])[0]})"
-            for kind, label, count in (
-                ("lost", "lost", self.lost),
-                ("duplicated", "duplicated", self.duplicated),
-                ("out_of_order", "out of order", self.out_of_order),
-                ("corrupt", "corrupt", self.corrupt),
-                ("foreign", "foreign", self.foreign),
-            )
-            if count
-        ]
+        """One line per kind of problem found: its count and first example."""
+        out = [line for kind in KINDS if (line := self.describe(kind))]
         if self.read_error:
             out.append(f"read error: {self.read_error}")
         return out
