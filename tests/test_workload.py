@@ -226,6 +226,17 @@ def test_checker_lets_the_error_of_a_stream_that_breaks_off_propagate() -> None:
         check_records(broken(), BINARY, Expected.every(WRITERS, COUNT))
 
 
+def test_checker_catches_a_duplicated_tiny_record() -> None:
+    workload = Workload(mixed=True, large=2000)
+    tiny = next(q for q in range(COUNT) if workload.is_tiny(0, q))
+    stream = [workload.record(w, q) for q in range(COUNT) for w in range(WRITERS)]
+    verdict = check_records(stream, workload, Expected.every(WRITERS, COUNT))
+    assert verdict.ok, verdict.summary()
+    stream.append(workload.record(0, tiny))
+    verdict = check_records(stream, workload, Expected.every(WRITERS, COUNT))
+    assert _problems(verdict) == {"duplicated": 1}
+
+
 # -- partial expectations: killed and interrupted writers ---------------------------------
 
 

@@ -260,10 +260,16 @@ class _Checking:
                     out.note(
                         "lost", f"writer {writer}: {n} records from seq {lo} (appended {count})"
                     )
+        # Tiny records cannot say whose they are: only their number can be wrong.
         if out.tiny < out.tiny_reported:
-            # Tiny records cannot say whose they are: only their number can fall short.
             out.lost += out.tiny_reported - out.tiny
             out.note("lost", f"{out.tiny_reported} tiny records reported, {out.tiny} in the file")
+        elif out.tiny > out.tiny_reported and self.expected.complete:
+            # Every writer reported all it appended: the extra ones were read twice.
+            out.duplicated += out.tiny - out.tiny_reported
+            out.note(
+                "duplicated", f"{out.tiny} tiny records in the file, {out.tiny_reported} appended"
+            )
 
 
 def _fill_gap(gaps: list[list[int]], seq: int) -> bool:
