@@ -27,8 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import functools
-import hashlib
 import importlib
 import json
 import logging
@@ -42,7 +40,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -57,77 +54,26 @@ from typing import Any, Final
 import shmflush
 from shmflush import _format
 
-# -- records -------------------------------------------------------------------------
+from .checker import Expected, check_file, check_records
+from .workload import Workload
 
-#: Binary records start with (writer id, sequence number), little-endian.
-HEADER: Final = struct.Struct("<IQ")
-#: Log lines start with "wwwwwwww:ssssssssssssssss:" (writer id and seq in hex).
-TEXT_HEADER_SIZE: Final = 26
+# -- records -------------------------------------------------------------------------
+#
+# The tools' one workload (shmflush._tools.workload): binary records for every
+# method, log lines of the same size for the logging peer.
+
 #: The smallest record size the benchmark accepts (a log line needs its header,
 #: at least one filler character and its newline).
 MIN_SIZE: Final = 32
-# Fillers are windows into a per-writer pseudo-random pattern, shifted by seq % _PERIOD,
-# so neighbouring records differ in nearly every byte.
-_PERIOD: Final = 509
 
 _KIB: Final = 1 << 10
 _MIB: Final = 1 << 20
 _UNITS: Final = {"": 1, "K": _KIB, "M": _MIB, "G": 1 << 30}
 
 
-def _pattern(writer_id: int, length: int) -> bytes:
-    # blake2b in counter mode: cheap, deterministic, different for every writer.
-    blocks = (length + 63) // 64
-    stream = b"".join(
-        hashlib.blake2b(struct.pack("<IQ", writer_id, i), digest_size=64, person=b"bench").digest()
-        for i in range(blocks)
-    )
-    return stream[:length]
-
-
-def binary_records(writer_id: int, count: int, size: int) -> list[bytes]:
-    """Writer *writer_id*'s records 0 .. *count*-1, each exactly *size* bytes."""
-    fill = size - HEADER.size
-    pattern = _pattern(writer_id, fill + _PERIOD)
-    pack = HEADER.pack
-    return [
-        pack(writer_id, seq) + pattern[seq % _PERIOD : seq % _PERIOD + fill] for seq in range(count)
-    ]
-
-
-def text_lines(writer_id: int, count: int, size: int) -> list[str]:
-    """Writer *writer_id*'s log messages; each is a *size*-byte line with its newline."""
-    fill = size - TEXT_HEADER_SIZE - 1
-    pattern = _pattern(writer_id, (fill + _PERIOD + 1) // 2).hex()
-    return [
-        f"{writer_id:08x}:{seq:016x}:{pattern[seq % _PERIOD : seq % _PERIOD + fill]}"
-        for seq in range(count)
-    ]
-
-
-def _file_records(kind: str, writer_id: int, count: int, size: int) -> list[bytes]:
-    """The records as they must appear in the file (log lines with their newline)."""
-    if kind == "text":
-        return [(line + "\n").encode("ascii") for line in text_lines(writer_id, count, size)]
-    return binary_records(writer_id, count, size)
-
-
-@functools.lru_cache(maxsize=256)
-def _expected_digest(kind: str, writer_id: int, count: int, size: int) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    for record in _file_records(kind, writer_id, count, size):
-        digest.update(record)
-    return digest.digest()
-
-
-def _writer_of(kind: str, record: bytes) -> int:
-    """The writer id in *record*'s header, or -1 if the header is not readable."""
-    if kind == "text":
-        try:
-            return int(record[:8], 16)
-        except ValueError:
-            return -1
-    return int.from_bytes(record[:4], "little")
+def workload(kind: str, size: int) -> Workload:
+    """The records of *kind* ("binary" or "text") and *size* bytes."""
+    return Workload(size=size, text=kind == "text")
 
 
 # -- methods -------------------------------------------------------------------------
@@ -201,7 +147,7 @@ def _shmflush_writer(
     # Under spawn *ring* arrived pickled by name and attached on unpickling; under
     # fork it is the owner's object, and closing it here closes only this mapping.
     with ring:
-        records = binary_records(writer_id, count, size)
+        records = Workload(size=size).records(writer_id, count)
         batches = [records[i : i + batch] for i in range(0, count, batch)]
         arrays: list[Any] = []
         if method == "append_array":
@@ -244,7 +190,7 @@ def _o_append_writer(
     start: Event,
     done: Semaphore,
 ) -> None:
-    records = binary_records(writer_id, count, size)
+    records = Workload(size=size).records(writer_id, count)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     try:
         ready.release()
@@ -272,7 +218,7 @@ def _queue_producer(
 ) -> None:
     # *timeout*: None for multiprocessing.Queue (unbounded, never blocks); a number
     # for faster_fifo, whose put() blocks while its buffer is full.
-    records = binary_records(writer_id, count, size)
+    records = Workload(size=size).records(writer_id, count)
     ready.release()
     _wait_for_start(start)
     put = queue.put
@@ -325,7 +271,7 @@ def _log_producer(
     start: Event,
     done: Semaphore,
 ) -> None:
-    lines = text_lines(writer_id, count, size)
+    lines = Workload(size=size, text=True).lines(writer_id, count)
     logger = logging.getLogger(f"shmflush.bench.{writer_id}")
     logger.propagate = False
     logger.setLevel(logging.INFO)
@@ -694,12 +640,8 @@ class Check:
     detail: str
 
 
-def _read_records(path: str, family: str, size: int) -> Iterator[bytes]:
-    """The file's records: shmflush payloads, or the peers' fixed-size records."""
-    if family == "shmflush":
-        with shmflush.read(path) as reader:
-            yield from reader
-        return
+def _peer_records(path: str, size: int) -> Iterator[bytes]:
+    """A peer's file cut into *size*-byte records (a torn tail comes out short)."""
     chunk = size * max(1, _MIB // size)
     with open(path, "rb") as file:
         while block := file.read(chunk):
@@ -711,56 +653,25 @@ def verify_file(path: str, *, family: str, kind: str, writers: int, count: int, 
     """Check that the file holds exactly *writers* x *count* records of *size* bytes,
     each writer's in the order it wrote them and byte for byte as written.
 
-    Per writer, the records in file order are hashed and compared with the hash of
-    the records the writer made, so one pass checks count, order and content.
+    The tools' checker does it: a shmflush file through shmflush.read, a peer's
+    file cut into *size*-byte records.
     """
+    records = workload(kind, size)
+    expected = Expected.every(writers, count)
     problems: list[str] = []
-    if family != "shmflush":
+    if family == "shmflush":
+        verdict = check_file(path, records, expected)
+    else:
         actual = os.path.getsize(path)
         if actual != writers * count * size:
             problems.append(f"file is {actual} bytes, expected {writers * count * size}")
-    digests = [hashlib.blake2b(digest_size=16) for _ in range(writers)]
-    counts = [0] * writers
-    total = strangers = wrong_size = 0
-    for record in _read_records(path, family, size):
-        total += 1
-        if len(record) != size:
-            wrong_size += 1
-            continue
-        writer = _writer_of(kind, record)
-        if not 0 <= writer < writers:
-            strangers += 1
-            continue
-        counts[writer] += 1
-        digests[writer].update(record)
-    if total != writers * count:
-        problems.append(f"{total} records, expected {writers * count}")
-    if wrong_size:
-        problems.append(f"{wrong_size} records not {size} bytes long")
-    if strangers:
-        problems.append(f"{strangers} records from no known writer")
-    for w in range(writers):
-        if counts[w] != count:
-            problems.append(f"writer {w}: {counts[w]} records, expected {count}")
-        elif digests[w].digest() != _expected_digest(kind, w, count, size):
-            where = _first_difference(
-                path, family=family, kind=kind, writer=w, count=count, size=size
-            )
-            problems.append(f"writer {w}: {where}")
+        verdict = check_records(_peer_records(path, size), records, expected)
+    if verdict.records != writers * count:
+        problems.append(f"{verdict.records} records, expected {writers * count}")
+    problems += verdict.problems()
     if problems:
         return Check(False, "; ".join(problems))
-    return Check(True, f"{total} records intact, in per-writer order")
-
-
-def _first_difference(
-    path: str, *, family: str, kind: str, writer: int, count: int, size: int
-) -> str:
-    expected = _file_records(kind, writer, count, size)
-    mine = (r for r in _read_records(path, family, size) if _writer_of(kind, r) == writer)
-    for index, (got, want) in enumerate(zip(mine, expected, strict=False)):
-        if got != want:
-            return f"record #{index} of this writer differs from what it wrote"
-    return "records differ"  # not reached: the counts matched and so would the hashes
+    return Check(True, verdict.summary())
 
 
 # -- the device limit -----------------------------------------------------------------
@@ -843,7 +754,7 @@ def append_latency(directory: str, size: int, appends: int, buffers: int) -> dic
     path = os.path.join(directory, f"latency-{size}B.dat")
     framed = _format.RECORD_HEADER_SIZE + ((size + 7) & -8)
     count = max(1, min(appends, buffers * _MIB // 2 // framed))
-    records = binary_records(0, count, size)
+    records = Workload(size=size).records(0, count)
     samples = [0] * count
     try:
         with warnings.catch_warnings():
@@ -882,7 +793,7 @@ def append_latency(directory: str, size: int, appends: int, buffers: int) -> dic
 def sync_latency(directory: str, syncs: int) -> dict[str, Any]:
     """Time ``sync()`` right after one 100-byte append, *syncs* times (``sync="data"``)."""
     path = os.path.join(directory, "latency-sync.dat")
-    record = binary_records(0, 1, 100)[0]
+    record = Workload(size=100).record(0, 0)
     samples: list[int] = []
     try:
         with warnings.catch_warnings():
