@@ -94,8 +94,75 @@ def test_option_parsing_of_sizes_writers_and_methods() -> None:
         "o_append",
         "logging",
     ]
+    assert "append_fallback" not in _bench._method_names("all,shmflush")
+    assert _bench._method_names("append_fallback,append") == ["append", "append_fallback"]
     with pytest.raises(SystemExit):
         _bench.main(["--sizes", "16"])  # below the smallest record size
+
+
+def test_goals_refuses_options_that_pick_other_cells(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _bench.main(["--goals", "--sizes", "4K", "--writers", "1"])
+    assert exit_info.value.code == 2
+    assert "drop --sizes, --writers" in capsys.readouterr().err
+
+
+GOAL_ROWS = [
+    "append 100 B vs O_APPEND",
+    "append 100 B vs mp.Queue",
+    "append_many 100 B vs O_APPEND",
+    "append_array 100 B of the device limit",
+    "append 64 KiB of the device limit",
+    "append 64 KiB vs O_APPEND+fsync",
+    "reserve 100 B vs append",
+    "append_fallback 100 B vs O_APPEND",
+    "append 100 B p99 latency",
+    "sync() p99 latency",
+    "flusher CPU per GB written (append 100 B)",
+    "flusher CPU per GB written (append 64 KiB)",
+]
+
+
+def test_goals_run_measures_every_row_against_a_peer_of_the_same_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    json_path = tmp_path / "goals.json"
+    status = _bench.main(
+        [
+            "--goals",
+            *("--reps", "1", "--records", "200", "--limit-size", "4M"),
+            *("--latency-appends", "500", "--syncs", "3", "--no-chart"),
+            *("--dir", str(tmp_path), "--json", str(json_path)),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.startswith("shmflush bench\ncommand:   python -m shmflush bench --goals")
+    assert "machine:" in out
+    report = json.loads(json_path.read_text())
+    rows = {row["goal"]: row for row in report["goals"]}
+    assert list(rows) == GOAL_ROWS
+    unavailable = _bench._availability()
+    for goal, row in rows.items():
+        if goal.startswith("append_array") and "append_array" in unavailable:
+            continue
+        assert row["value"] is not None, row
+        # CPU time comes in clock ticks: a tiny run's flusher may not use one.
+        assert row["value"] >= 0 if row["unit"] == "s/GB" else row["value"] > 0, row
+        assert goal in out
+    cells = {(c["method"], c["size"]): c for c in report["cells"]}
+    assert set(cells) == set(_bench.GOAL_CELLS)
+    assert {c["writers"] for c in report["cells"]} == {2}
+    # The fallback row's ring (its flusher) and writers ran with SHMFLUSH_FENCE=off,
+    # and only they.
+    (fallback,) = cells[("append_fallback", 100)]["reps"]
+    assert fallback["fence_off"] == {"writers": True, "flusher": True}
+    (plain,) = cells[("append", 100)]["reps"]
+    assert plain["fence_off"] == {"writers": False, "flusher": False}
+    assert "SHMFLUSH_FENCE" not in os.environ
+    assert plain["flusher_cpu_s"] is not None
+    assert [r["size"] for r in report["latency"]["append"]] == [100]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["goals.json"]
 
 
 def test_quick_run_checks_every_method_and_writes_its_figures(
@@ -131,7 +198,7 @@ def test_quick_run_checks_every_method_and_writes_its_figures(
     unavailable = _bench._availability()
     cells = report["cells"]
     assert {(c["method"], c["writers"]) for c in cells} == {
-        (m.name, w) for m in _bench.METHODS for w in (1, 2)
+        (m.name, w) for m in _bench.GROUPED for w in (1, 2)
     }
     for cell in cells:
         if cell["method"] in unavailable:
