@@ -2,7 +2,7 @@
 
 import sys
 
-from shmflush._bench import main
+from shmflush._tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ record-by-record check of the file.  ``--help`` lists the options."""
 
 import sys
 
-from shmflush._soak import main
+from shmflush._tools.soak import main
 
 if __name__ == "__main__":
     sys.exit(main())

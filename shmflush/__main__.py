@@ -18,8 +18,8 @@ commands:
 
 
 COMMANDS = {
-    "demo": "._demo",
-    "bench": "._bench",
+    "demo": "._tools.demo",
+    "bench": "._tools.bench",
     "verify": "._verify",
     "cleanup": "._cleanup",
     "flusher": "._flusher",

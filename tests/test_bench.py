@@ -1,4 +1,4 @@
-"""Tests of the benchmark harness (``shmflush/_bench.py``).
+"""Tests of the benchmark harness (``shmflush/_tools/bench.py``).
 
 No timing is asserted here: only that the harness runs every method, checks what
 each one wrote, reports a failed check as FAILED, and leaves nothing behind.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shmflush import _bench
+from shmflush._tools import bench as _bench
 
 WRITERS = 2
 COUNT = 30
@@ -21,7 +21,7 @@ SIZE = 64
 
 def _peer_file(path: Path, kind: str = "binary") -> list[bytes]:
     """A correct peer file: both writers' records, interleaved round-robin."""
-    records = [_bench._file_records(kind, w, COUNT, SIZE) for w in range(WRITERS)]
+    records = [_bench.workload(kind, SIZE).records(w, COUNT) for w in range(WRITERS)]
     stream = [records[w][seq] for seq in range(COUNT) for w in range(WRITERS)]
     path.write_bytes(b"".join(stream))
     return stream
@@ -42,12 +42,6 @@ def test_verify_passes_a_correct_interleaved_file(tmp_path: Path, kind: str) -> 
     assert f"{WRITERS * COUNT} records" in check.detail
 
 
-def test_log_lines_are_exactly_the_record_size() -> None:
-    lines = _bench.text_lines(3, 5, 100)
-    assert all(len(line) + 1 == 100 for line in lines)  # FileHandler adds the newline
-    assert lines[4].startswith("00000003:0000000000000004:")
-
-
 @pytest.mark.parametrize("kind", ["binary", "text"])
 def test_verify_reports_a_flipped_byte(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "flip.dat"
@@ -57,7 +51,7 @@ def test_verify_reports_a_flipped_byte(tmp_path: Path, kind: str) -> None:
     path.write_bytes(bytes(data))
     check = _verify(path, kind)
     assert not check.ok
-    assert "writer 1: record #3" in check.detail
+    assert check.detail.startswith("1 corrupt (first: record #7 (writer 1 seq 3)")
 
 
 def test_verify_reports_a_missing_record(tmp_path: Path) -> None:
@@ -68,6 +62,7 @@ def test_verify_reports_a_missing_record(tmp_path: Path) -> None:
     check = _verify(path)
     assert not check.ok
     assert f"{WRITERS * COUNT - 1} records, expected {WRITERS * COUNT}" in check.detail
+    assert "1 lost (first: writer 0: 1 records from seq 2" in check.detail
 
 
 def test_verify_reports_two_records_of_one_writer_swapped(tmp_path: Path) -> None:
@@ -77,7 +72,7 @@ def test_verify_reports_two_records_of_one_writer_swapped(tmp_path: Path) -> Non
     path.write_bytes(b"".join(stream))
     check = _verify(path)
     assert not check.ok
-    assert "writer 0: record #0" in check.detail
+    assert "1 out of order (first: record #2 (writer 0 seq 0)" in check.detail
 
 
 def test_verify_reports_a_torn_tail(tmp_path: Path) -> None:
@@ -99,8 +94,75 @@ def test_option_parsing_of_sizes_writers_and_methods() -> None:
         "o_append",
         "logging",
     ]
+    assert "append_fallback" not in _bench._method_names("all,shmflush")
+    assert _bench._method_names("append_fallback,append") == ["append", "append_fallback"]
     with pytest.raises(SystemExit):
         _bench.main(["--sizes", "16"])  # below the smallest record size
+
+
+def test_goals_refuses_options_that_pick_other_cells(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _bench.main(["--goals", "--sizes", "4K", "--writers", "1"])
+    assert exit_info.value.code == 2
+    assert "drop --sizes, --writers" in capsys.readouterr().err
+
+
+GOAL_ROWS = [
+    "append 100 B vs O_APPEND",
+    "append 100 B vs mp.Queue",
+    "append_many 100 B vs O_APPEND",
+    "append_array 100 B of the device limit",
+    "append 64 KiB of the device limit",
+    "append 64 KiB vs O_APPEND+fsync",
+    "reserve 100 B vs append",
+    "append_fallback 100 B vs O_APPEND",
+    "append 100 B p99 latency",
+    "sync() p99 latency",
+    "flusher CPU per GB written (append 100 B)",
+    "flusher CPU per GB written (append 64 KiB)",
+]
+
+
+def test_goals_run_measures_every_row_against_a_peer_of_the_same_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    json_path = tmp_path / "goals.json"
+    status = _bench.main(
+        [
+            "--goals",
+            *("--reps", "1", "--records", "200", "--limit-size", "4M"),
+            *("--latency-appends", "500", "--syncs", "3", "--no-chart"),
+            *("--dir", str(tmp_path), "--json", str(json_path)),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.startswith("shmflush bench\ncommand:   python -m shmflush bench --goals")
+    assert "machine:" in out
+    report = json.loads(json_path.read_text())
+    rows = {row["goal"]: row for row in report["goals"]}
+    assert list(rows) == GOAL_ROWS
+    unavailable = _bench._availability()
+    for goal, row in rows.items():
+        if goal.startswith("append_array") and "append_array" in unavailable:
+            continue
+        assert row["value"] is not None, row
+        # CPU time comes in clock ticks: a tiny run's flusher may not use one.
+        assert row["value"] >= 0 if row["unit"] == "s/GB" else row["value"] > 0, row
+        assert goal in out
+    cells = {(c["method"], c["size"]): c for c in report["cells"]}
+    assert set(cells) == set(_bench.GOAL_CELLS)
+    assert {c["writers"] for c in report["cells"]} == {2}
+    # The fallback row's ring (its flusher) and writers ran with SHMFLUSH_FENCE=off,
+    # and only they.
+    (fallback,) = cells[("append_fallback", 100)]["reps"]
+    assert fallback["fence_off"] == {"writers": True, "flusher": True}
+    (plain,) = cells[("append", 100)]["reps"]
+    assert plain["fence_off"] == {"writers": False, "flusher": False}
+    assert "SHMFLUSH_FENCE" not in os.environ
+    assert plain["flusher_cpu_s"] is not None
+    assert [r["size"] for r in report["latency"]["append"]] == [100]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["goals.json"]
 
 
 def test_quick_run_checks_every_method_and_writes_its_figures(
@@ -136,7 +198,7 @@ def test_quick_run_checks_every_method_and_writes_its_figures(
     unavailable = _bench._availability()
     cells = report["cells"]
     assert {(c["method"], c["writers"]) for c in cells} == {
-        (m.name, w) for m in _bench.METHODS for w in (1, 2)
+        (m.name, w) for m in _bench.GROUPED for w in (1, 2)
     }
     for cell in cells:
         if cell["method"] in unavailable:

@@ -1,7 +1,8 @@
-"""Tests of ``python -m shmflush demo`` (``shmflush/_demo.py``).
+"""Tests of ``python -m shmflush demo`` (``shmflush/_tools/demo.py``).
 
-The checker is tested on made-up record streams, each with one kind of damage;
-the demo itself runs end to end in a subprocess, as a user would run it.
+The checker itself is tested in test_workload.py; here, that the demo's report
+lines say what the checker found, and the demo end to end in a subprocess, as a
+user would run it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from shmflush import _demo
+from shmflush._tools import demo as _demo
+from shmflush._tools.checker import Expected, check_records
+from shmflush._tools.workload import Workload
 
 WRITERS = 3
 RECORDS = 40
@@ -30,59 +33,31 @@ DEMO_TIMEOUT_S = 120
 SHM_DIR = "/dev/shm"
 
 
-def _stream(writers: int = WRITERS, records: int = RECORDS, size: int = SIZE) -> list[bytes]:
-    """Every writer's records, interleaved round-robin, as a correct file holds them."""
-    patterns = [_demo.filler_pattern(w, size) for w in range(writers)]
-    return [
-        _demo.expected_record(w, seq, size, patterns[w])
-        for seq in range(records)
-        for w in range(writers)
-    ]
-
-
 def _failed(stream: list[bytes]) -> dict[str, str]:
-    checks = _demo.verify(stream, WRITERS, RECORDS, SIZE)
+    verdict = check_records(stream, Workload(size=SIZE), Expected.every(WRITERS, RECORDS))
+    checks = _demo.checks(verdict, WRITERS, RECORDS, SIZE)
     assert [c.name for c in checks] == list(CHECK_NAMES)
     return {c.name: c.detail for c in checks if not c.ok}
 
 
-def test_verify_passes_interleaved_records_in_per_writer_order() -> None:
+def _stream() -> list[bytes]:
+    workload = Workload(size=SIZE)
+    return [workload.record(w, seq) for seq in range(RECORDS) for w in range(WRITERS)]
+
+
+def test_report_passes_every_line_for_a_correct_file() -> None:
     assert _failed(_stream()) == {}
 
 
-def test_verify_passes_records_of_one_writer_after_another() -> None:
-    stream = sorted(_stream(), key=lambda r: _demo.HEADER.unpack_from(r)[0])
-    assert _failed(stream) == {}
-
-
-def test_consecutive_records_differ_in_nearly_every_filler_byte() -> None:
-    first, second = _stream(writers=1, records=2, size=1012)
-    same = sum(a == b for a, b in zip(first[12:], second[12:], strict=True))
-    assert same < 50  # about 4 of the 1000 bytes match by chance
-
-
-def test_verify_reports_a_missing_record() -> None:
+def test_report_fails_the_count_and_once_lines_for_a_missing_record() -> None:
     stream = _stream()
     del stream[7]  # writer 1, seq 2
     failed = _failed(stream)
     assert set(failed) == {"record count", "each record present exactly once"}
-    assert "1 missing" in failed["each record present exactly once"]
-    assert "writer 1 seq 2" in failed["each record present exactly once"]
+    assert failed["each record present exactly once"].startswith("1 lost (first: writer 1:")
 
 
-def test_verify_reports_a_duplicated_record() -> None:
-    stream = _stream()
-    stream.append(stream[4])  # writer 1, seq 1, again at the end
-    failed = _failed(stream)
-    assert set(failed) == {
-        "record count",
-        "each record present exactly once",
-        "per-writer order strictly increasing",
-    }
-    assert "1 duplicated" in failed["each record present exactly once"]
-
-
-def test_verify_reports_two_records_of_one_writer_swapped() -> None:
+def test_report_fails_the_order_line_for_two_records_of_one_writer_swapped() -> None:
     stream = _stream()
     stream[0], stream[WRITERS] = stream[WRITERS], stream[0]  # writer 0: seq 1 before seq 0
     failed = _failed(stream)
@@ -90,29 +65,18 @@ def test_verify_reports_two_records_of_one_writer_swapped() -> None:
     assert "writer 0 seq 0" in failed["per-writer order strictly increasing"]
 
 
-@pytest.mark.parametrize("offset", [0, 5, 12, SIZE - 1])
-def test_verify_reports_one_flipped_byte(offset: int) -> None:
+def test_report_fails_the_bytes_line_for_a_flipped_byte() -> None:
     stream = _stream()
-    damaged = bytearray(stream[10])
-    damaged[offset] ^= 0x01
-    stream[10] = bytes(damaged)
+    stream[10] = stream[10][:-1] + bytes([stream[10][-1] ^ 1])
     failed = _failed(stream)
-    assert "payload bytes intact" in failed
-    assert "1 damaged" in failed["payload bytes intact"]
+    assert set(failed) == {"payload bytes intact"}
+    assert failed["payload bytes intact"].startswith("1 corrupt")
 
 
-def test_verify_reports_a_truncated_record() -> None:
-    stream = _stream()
-    stream[10] = stream[10][:-1]
-    assert set(_failed(stream)) == {"payload bytes intact"}
-
-
-def test_verify_reports_a_record_no_writer_wrote() -> None:
-    patterns = _demo.filler_pattern(WRITERS, SIZE)
-    stranger = _demo.expected_record(WRITERS, 0, SIZE, patterns)
+def test_report_fails_the_once_line_for_a_foreign_record() -> None:
+    stranger = Workload(size=SIZE).record(WRITERS, 0)  # no writer 3 in this run
     failed = _failed([*_stream(), stranger])
-    assert "1 unexpected" in failed["each record present exactly once"]
-    assert "payload bytes intact" in failed
+    assert "1 foreign" in failed["each record present exactly once"]
 
 
 def _demo_command(path: Path, *options: str) -> list[str]:
@@ -160,14 +124,12 @@ def test_demo_verifies_every_record_of_two_writers(tmp_path: Path, start_method:
 
 
 def test_demo_with_keep_leaves_the_file_it_checked(tmp_path: Path) -> None:
-    import shmflush
-
     path = tmp_path / "kept.log"
     result = _run_demo(
         _demo_command(path, "--writers", "2", "--records", "300", "--size", "16", "--keep")
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    checks = _demo.verify(shmflush.read(str(path)), 2, 300, 16)
+    checks = _demo.verify(str(path), 2, 300, 16)
     assert all(check.ok for check in checks), [str(check) for check in checks]
 
 

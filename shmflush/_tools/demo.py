@@ -4,40 +4,34 @@ The demo is a smoke test a person can run: it starts writer processes, lets them
 append numbered records through one ring, closes the ring (which drains every
 record to disk), reads the file back and checks it record by record.
 
-Every record is ``struct.pack("<IQ", writer_id, seq)`` followed by filler bytes
-that depend only on ``(writer_id, seq)``, so the check can rebuild each record and
-compare it whole: a lost, doubled, reordered or damaged record is caught without
-keeping the records in memory (per writer, one bit per record and the last
-sequence number seen).
+The records are the tools' one workload (:mod:`shmflush._tools.workload`): each
+names its writer and sequence number, and the rest of its bytes follow from
+those, so the checker (:mod:`shmflush._tools.checker`) rebuilds each record and
+compares it whole: a lost, doubled, reordered, damaged or foreign record is
+caught without keeping the records in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event, Semaphore
 
 import shmflush
 
-HEADER = struct.Struct("<IQ")
-MIN_SIZE = 16
+from .checker import Expected, Verdict, check_file
+from .workload import Workload
 
-# The filler of record (writer, seq) is a window into a per-writer pseudo-random
-# pattern, starting at byte seq % _PERIOD.  Records of one writer close in
-# sequence thus differ in nearly every filler byte (not only in the header), so a
-# stretch of one record pasted into another is caught wherever it lands.
-_PERIOD = 509
+MIN_SIZE = 16
 
 # Everything that waits (worker start-up, the run, the final sync) fits in this.
 _DEADLINE_S = 600.0
@@ -46,28 +40,9 @@ _STOP_GRACE_S = 5.0
 # Writers look at the stop event once per this many records: often enough to
 # stop within milliseconds, rarely enough to cost nothing measurable.
 _STOP_CHECK_EVERY = 1024
-_EXAMPLES = 3
 
 _DEFAULT_PATH = "shmflush-demo.log"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def filler_pattern(writer_id: int, size: int) -> bytes:
-    """The bytes that the fillers of *writer_id*'s records of *size* bytes are cut from."""
-    length = max(size - HEADER.size, 0) + _PERIOD
-    blocks = (length + 63) // 64
-    # blake2b in counter mode: cheap, deterministic, and different for every writer.
-    stream = b"".join(
-        hashlib.blake2b(struct.pack("<IQ", writer_id, i), digest_size=64).digest()
-        for i in range(blocks)
-    )
-    return stream[:length]
-
-
-def expected_record(writer_id: int, seq: int, size: int, pattern: bytes) -> bytes:
-    """Record number *seq* of writer *writer_id*, as the demo writes it."""
-    start = seq % _PERIOD
-    return HEADER.pack(writer_id, seq) + pattern[start : start + size - HEADER.size]
 
 
 @dataclass(frozen=True)
@@ -82,112 +57,45 @@ class Check:
         return f"{'PASS' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
 
 
-def verify(payloads: Iterable[bytes], writers: int, records: int, size: int) -> list[Check]:
-    """Check that *payloads* are exactly the demo's records, in per-writer order.
-
-    Memory stays at one bit per expected record plus a few counters, whatever the
-    file size.  Reading errors from *payloads* (for example
-    :class:`~shmflush.CorruptFileError`) propagate to the caller.
-    """
-    patterns = [filler_pattern(w, size) for w in range(writers)]
-    seen = [bytearray((records + 7) // 8) for _ in range(writers)]
-    last = [-1] * writers
-    total = 0
-    unknown: list[str] = []  # writer id or seq outside the run
-    duplicate: list[str] = []
-    disorder: list[str] = []
-    damaged: list[str] = []
-    counts = {"unknown": 0, "duplicate": 0, "disorder": 0, "damaged": 0}
-
-    def note(kind: str, examples: list[str], what: str) -> None:
-        counts[kind] += 1
-        if len(examples) < _EXAMPLES:
-            examples.append(what)
-
-    for index, payload in enumerate(payloads):
-        total += 1
-        if len(payload) < HEADER.size:
-            note("damaged", damaged, f"record #{index} is {len(payload)} bytes")
-            note("unknown", unknown, f"record #{index} has no header")
-            continue
-        writer_id, seq = HEADER.unpack_from(payload)
-        if writer_id >= writers or seq >= records:
-            note("damaged", damaged, f"record #{index} has header ({writer_id}, {seq})")
-            note("unknown", unknown, f"record #{index} is writer {writer_id} seq {seq}")
-            continue
-        where = f"record #{index} (writer {writer_id} seq {seq})"
-        byte, bit = divmod(seq, 8)
-        if seen[writer_id][byte] & (1 << bit):
-            note("duplicate", duplicate, where)
-        seen[writer_id][byte] |= 1 << bit
-        if seq <= last[writer_id]:
-            note("disorder", disorder, f"{where} after seq {last[writer_id]}")
-        last[writer_id] = max(last[writer_id], seq)
-        if len(payload) != size or payload != expected_record(
-            writer_id, seq, size, patterns[writer_id]
-        ):
-            note("damaged", damaged, f"{where}, {len(payload)} bytes")
-
-    present = sum(int.from_bytes(bits, "little").bit_count() for bits in seen)
-    missing = writers * records - present
-    missing_examples = _missing(seen, records) if missing else []
-
-    def detail(count: int, label: str, examples: list[str]) -> str:
-        return f"{count} {label}, first: {'; '.join(examples)}"
-
+def checks(verdict: Verdict, writers: int, records: int, size: int) -> list[Check]:
+    """The checker's *verdict* on a demo file, as the demo's report lines."""
     expected_total = writers * records
-    once_problems = [
-        detail(n, label, ex)
-        for n, label, ex in (
-            (missing, "missing", missing_examples),
-            (counts["duplicate"], "duplicated", duplicate),
-            (counts["unknown"], "unexpected", unknown),
-        )
-        if n
-    ]
+
+    def detail(*kinds: str) -> str:
+        return "; ".join(line for kind in kinds if (line := verdict.describe(kind)))
+
     return [
         Check(
             "record count",
-            total == expected_total,
-            f"{total} records read, {expected_total} written "
+            verdict.records == expected_total,
+            f"{verdict.records} records read, {expected_total} written "
             f"({writers} writers x {records} records)",
         ),
         Check(
             "each record present exactly once",
-            not once_problems,
-            "; ".join(once_problems) or f"{present} distinct records",
+            not (verdict.lost or verdict.duplicated or verdict.foreign),
+            detail("lost", "duplicated", "foreign") or f"{expected_total} distinct records",
         ),
         Check(
             "per-writer order strictly increasing",
-            not counts["disorder"],
-            detail(counts["disorder"], "out of order", disorder)
-            if counts["disorder"]
-            else f"{writers} writers in append order",
+            not verdict.out_of_order,
+            detail("out_of_order") or f"{writers} writers in append order",
         ),
         Check(
             "payload bytes intact",
-            not counts["damaged"],
-            detail(counts["damaged"], "damaged", damaged)
-            if counts["damaged"]
-            else f"every record is its {size} expected bytes",
+            not verdict.corrupt,
+            detail("corrupt") or f"every record is its {size} expected bytes",
         ),
     ]
 
 
-def _missing(seen: list[bytearray], records: int) -> list[str]:
-    """The first few (writer, seq) pairs whose bit is clear."""
-    examples: list[str] = []
-    for writer_id, bits in enumerate(seen):
-        for index, value in enumerate(bits):
-            if value == 0xFF:
-                continue
-            for bit in range(8):
-                seq = index * 8 + bit
-                if seq < records and not value >> bit & 1:
-                    examples.append(f"writer {writer_id} seq {seq}")
-                    if len(examples) == _EXAMPLES:
-                        return examples
-    return examples
+def verify(path: str, writers: int, records: int, size: int) -> list[Check]:
+    """Check the demo file *path*: exactly the demo's records, in per-writer order."""
+    verdict = check_file(path, Workload(size=size), Expected.every(writers, records))
+    out = checks(verdict, writers, records, size)
+    if verdict.read_error:
+        out.append(Check("file readable", False, verdict.read_error))
+    return out
 
 
 @dataclass(frozen=True)
@@ -211,20 +119,15 @@ def _worker(
     # inside append() leaves a claim that the flusher has to wait out.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with ring:
-        pattern = filler_pattern(writer_id, size)
-        record = bytearray(size)
-        fill = size - HEADER.size
+        workload = Workload(size=size)
+        record = workload.record
         signals.ready.release()
         if not signals.start.wait(_DEADLINE_S):
             raise TimeoutError(f"writer {writer_id}: no start signal in {_DEADLINE_S:.0f} s")
-        # One buffer reused for every record: append() copies it before it returns.
         for seq in range(records):
             if seq % _STOP_CHECK_EVERY == 0 and signals.stop.is_set():
                 return
-            HEADER.pack_into(record, 0, writer_id, seq)
-            begin = seq % _PERIOD
-            record[HEADER.size :] = pattern[begin : begin + fill]
-            ring.append(record, timeout=_APPEND_TIMEOUT_S)
+            ring.append(record(writer_id, seq), timeout=_APPEND_TIMEOUT_S)
 
 
 def _stop(processes: Sequence[BaseProcess], signals: _Signals) -> None:
@@ -432,13 +335,12 @@ def _run(args: argparse.Namespace, deadline_s: float) -> int:
         flush=True,
     )
     try:
-        with shmflush.read(args.path) as payloads:
-            checks = verify(payloads, args.writers, args.records, args.size)
-    except shmflush.ShmflushError as exc:
-        checks = [Check("file readable", False, str(exc))]
-    for check in checks:
+        report = verify(args.path, args.writers, args.records, args.size)
+    except shmflush.ShmflushError as exc:  # not a shmflush file at all
+        report = [Check("file readable", False, str(exc))]
+    for check in report:
         print(check, flush=True)
-    if all(check.ok for check in checks):
+    if all(check.ok for check in report):
         return 0
     print(
         "verification failed" + ("" if args.keep else "; rerun with --keep to inspect the file"),

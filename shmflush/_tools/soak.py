@@ -36,14 +36,15 @@ higher sequence number is *out of order*; a record whose bytes are not what its
 writer wrote is *corrupt*.  A record that is in the file but was never
 acknowledged (its writer died or was interrupted while appending it) is allowed.
 Records shorter than the 12-byte (writer id, seq) header cannot say whose they
-are: they are checked for content, and counted (see :func:`is_tiny`).  The
-one-line verdict goes to stdout; progress and diagnostics go to stderr.
+are: they are checked for content, and counted.  The records and the check are
+the tools' shared workload (mixed sizes) and checker (partial expectations:
+:mod:`shmflush._tools.workload`, :mod:`shmflush._tools.checker`).  The one-line
+verdict goes to stdout; progress and diagnostics go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import ctypes
 import inspect
@@ -51,7 +52,6 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,21 +59,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 import shmflush
 
-from . import _format, _proc
-from . import _layout as L
-from ._api import _default_lanes
-from ._ring import Ring, attach_ring
+from .. import _format, _proc
+from .. import _layout as L
+from .._api import _default_lanes
+from .._ring import Ring, attach_ring
+from .checker import Expected, Verdict
+from .checker import check_file as checker_check_file
+from .workload import HEADER, MAX_LARGE, Workload
 
 # -- the records -------------------------------------------------------------------
 
-# Every record of 12 bytes or more starts with (writer id, sequence number).  The
+# The records are the tools' mixed workload (shmflush._tools.workload): every
+# record of 12 bytes or more starts with (writer id, sequence number).  The
 # acknowledgements use the same struct: (writer id, first seq | count << 48).
-HEADER = struct.Struct("<IQ")
 _SEQ_BITS = 48
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 # Writer ids: process index * _IDS_PER_PROCESS + thread number (0: main thread).
@@ -85,18 +88,6 @@ _EVENT_IN_OP = 2  # an injected exception landed inside an operation and was cau
 _EVENT_ESCAPED = 3  # one landed between a thread's operations and ended the thread
 _EVENT_IN_LIBRARY = 4  # one landed inside shmflush's code (also an _EVENT_IN_OP)
 
-# Record *seq* of a writer is tiny (0 to 11 bytes, no room for the header) when
-# seq % TINY_EVERY is that writer's phase (1 to TINY_EVERY - 1: seq 0 never is).
-TINY_EVERY = 8
-_TINY = b"tiny-record"  # a tiny record of n bytes is _TINY[:n]
-assert len(_TINY) == HEADER.size - 1
-# The largest record, when the buffer allows (see large_limit).
-MAX_LARGE = 64 << 10
-# The filler of a record is a window into this fixed pseudo-random pattern whose
-# start depends on (writer id, seq), so a record's bytes pasted elsewhere, or
-# shifted, do not match.
-_SPAN = 4093  # prime: neighbouring records start far apart
-_PATTERN = random.Random(0x50A4).randbytes(_SPAN + MAX_LARGE)
 # The most records one operation appends (append_many).
 _MAX_BATCH = 8
 
@@ -108,66 +99,9 @@ def large_limit(buffer_size: int) -> int:
     return max(HEADER.size, min(MAX_LARGE, capacity // 2))
 
 
-def _mix(writer_id: int, seq: int) -> int:
-    h = ((writer_id * 0x9E3779B1) ^ (seq * 0x85EBCA77)) & 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & 0xFFFFFFFF
-    return h ^ (h >> 15)
-
-
-def _tiny_phase(writer_id: int) -> int:
-    return TINY_EVERY - 1 - writer_id % (TINY_EVERY - 1)
-
-
-def is_tiny(writer_id: int, seq: int) -> bool:
-    """Whether record *seq* of *writer_id* is shorter than the header.
-
-    Such a record is ``_TINY[:n]``: the checker can tell it is intact, but not
-    whose it is, so tiny records are checked in aggregate (as many in the file as
-    were acknowledged, at least), not one by one.
-    """
-    return seq % TINY_EVERY == _tiny_phase(writer_id)
-
-
-def tiny_count(writer_id: int, lo: int, hi: int) -> int:
-    """How many of the sequence numbers ``lo <= seq < hi`` of *writer_id* are tiny."""
-    phase = _tiny_phase(writer_id)
-
-    def below(x: int) -> int:  # tiny seqs in [0, x)
-        return (x - phase + TINY_EVERY - 1) // TINY_EVERY if x > phase else 0
-
-    return below(hi) - below(lo) if hi > lo else 0
-
-
-def record_length(writer_id: int, seq: int, large: int = MAX_LARGE) -> int:
-    """The length of record *seq* of *writer_id*: 0 to 11 bytes if it is tiny, else
-    the 12-byte header plus a filler of 0 bytes (often), a few bytes (mostly), up
-    to a few KiB (now and then) or up to *large* in all (one in a hundred)."""
-    h = _mix(writer_id, seq)
-    r = h >> 8
-    if is_tiny(writer_id, seq):
-        return 0 if h % 3 == 0 else 1 + r % (HEADER.size - 1)
-    bucket = h % 100
-    if bucket < 20:
-        filler = 0
-    elif bucket < 65:
-        filler = 1 + r % 63
-    elif bucket < 90:
-        filler = 64 + r % 960
-    elif bucket < 99:
-        filler = 1024 + r % 3072
-    else:
-        filler = r % (large - HEADER.size + 1)
-    return HEADER.size + min(filler, large - HEADER.size)
-
-
-def expected_record(writer_id: int, seq: int, large: int = MAX_LARGE) -> bytes:
-    """Record *seq* of writer *writer_id*, exactly as the writer appends it."""
-    n = record_length(writer_id, seq, large)
-    if n < HEADER.size:
-        return _TINY[:n]
-    start = (writer_id * 131 + seq * 61) % _SPAN
-    return HEADER.pack(writer_id, seq) + _PATTERN[start : start + n - HEADER.size]
+def workload(large: int) -> Workload:
+    """The soak's records (mixed sizes, up to *large*) in the tools' workload."""
+    return Workload(mixed=True, large=large)
 
 
 # -- the writer process ------------------------------------------------------------
@@ -187,7 +121,7 @@ _RETIRED = 3  # exit status: the process used up its writer ids; replace it
 _PR_SET_PDEATHSIG = 1
 
 _WRITER_CODE = (
-    "import sys; from shmflush._soak import writer_main; sys.exit(writer_main(sys.argv[1:]))"
+    "import sys; from shmflush._tools.soak import writer_main; sys.exit(writer_main(sys.argv[1:]))"
 )
 
 
@@ -219,6 +153,7 @@ class _WriterProcess:
         self.ring = ring
         self.index, self.fd, self.stop_path = int(index), int(fd), stop
         self.large = int(large)
+        self.record = workload(self.large).record
         self.churn = churn == "1"
         self.batch_share = 0.25 if batches == "1" else 0.0
         self.rng = random.Random(int(seed))
@@ -286,7 +221,7 @@ class _WriterProcess:
             raise
 
     def operate(self, s: _Sequence) -> None:
-        ring, rng, writer_id, large = self.ring, s.rng, s.writer_id, self.large
+        ring, rng, writer_id, record_of = self.ring, s.rng, s.writer_id, self.record
         timeout = _APPEND_TIMEOUT_S
         roll = rng.random()
         first = s.seq
@@ -295,11 +230,11 @@ class _WriterProcess:
         if roll < 0.75 - self.batch_share:
             count = 1
             s.seq = first + 1
-            ring.append(expected_record(writer_id, first, large), timeout=timeout)
+            ring.append(record_of(writer_id, first), timeout=timeout)
         elif roll < 1.0 - self.batch_share:
             count = 1
             s.seq = first + 1
-            record = expected_record(writer_id, first, large)
+            record = record_of(writer_id, first)
             with ring.reserve(len(record), timeout=timeout) as view:
                 # Two stores, like a caller building its record in place.
                 view[: HEADER.size] = record[: HEADER.size]
@@ -308,7 +243,7 @@ class _WriterProcess:
             count = rng.randint(2, _MAX_BATCH)
             s.seq = first + count
             ring.append_many(
-                [expected_record(writer_id, q, large) for q in range(first, first + count)],
+                [record_of(writer_id, q) for q in range(first, first + count)],
                 timeout=timeout,
             )
         os.write(self.fd, HEADER.pack(writer_id, first | count << _SEQ_BITS))
@@ -385,12 +320,12 @@ class _WriterProcess:
         return 1 if self.failure is not None else 0
 
 
-_HERE = os.path.abspath(__file__)
-_LIBRARY = os.path.dirname(_HERE) + os.sep
+_TOOLS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LIBRARY = os.path.dirname(_TOOLS.rstrip(os.sep)) + os.sep
 
 
 def _landed_in_library(exc: BaseException) -> bool:
-    """Whether *exc* was raised in shmflush's own code (not the soak's, not the
+    """Whether *exc* was raised in shmflush's own code (not the tools', not the
     standard library's): the innermost frame of its traceback, the signal
     handler's excepted."""
     where = ""
@@ -401,7 +336,7 @@ def _landed_in_library(exc: BaseException) -> bool:
             where = code.co_filename
         tb = tb.tb_next
     where = os.path.abspath(where)
-    return where.startswith(_LIBRARY) and where != _HERE
+    return where.startswith(_LIBRARY) and not where.startswith(_TOOLS)
 
 
 def writer_main(argv: Sequence[str]) -> int:
@@ -444,36 +379,6 @@ def writer_main(argv: Sequence[str]) -> int:
 _EXAMPLES = 5
 
 
-@dataclass
-class FileCheck:
-    """What reading the file back found."""
-
-    in_file: int = 0  #: DATA records read
-    lost: int = 0  #: acknowledged records missing
-    duplicated: int = 0  #: records read more than once
-    out_of_order: int = 0  #: records that came after a later record of their writer
-    corrupt: int = 0  #: records whose bytes are not what their writer wrote
-    unacked_in_file: int = 0  #: records in the file that were never acknowledged
-    abandoned: int = 0  #: ABANDONED records the reader skipped
-    tiny: int = 0  #: intact records shorter than the header (counted in in_file)
-    tiny_acked: int = 0  #: tiny records acknowledged
-    read_error: str = ""  #: what the strict read raised, if anything
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    #: writer id -> (first missing seq, missing count) for acknowledged records
-    lost_by_writer: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-
-    def note(self, kind: str, what: str) -> None:
-        examples = self.examples.setdefault(kind, [])
-        if len(examples) < _EXAMPLES:
-            examples.append(what)
-
-    @property
-    def ok(self) -> bool:
-        return not (
-            self.lost or self.duplicated or self.out_of_order or self.corrupt or self.read_error
-        )
-
-
 def check_file(
     path: str,
     acked: Mapping[int, int],
@@ -482,130 +387,24 @@ def check_file(
     unacked: Mapping[int, Sequence[tuple[int, int]]] | None = None,
     large: int = MAX_LARGE,
     strict: bool = True,
-) -> FileCheck:
-    """Read *path* and compare it with the acknowledgements.
+) -> Verdict:
+    """Read *path* and compare it with the acknowledgements, with the tools' checker.
 
     *acked* maps a writer id to the highest sequence number acknowledged (writers
     that acknowledged nothing may be absent); *unacked* maps a writer id to the
     sorted, disjoint stretches ``[lo, hi)`` below that which were not
     acknowledged (interrupted operations): their records may be missing.
     *known* tells whether a writer id was ever started; *large* is the
-    ``large_limit`` the writers used.  Memory: per writer, the next expected
-    sequence number and the list of gaps, which is empty unless something went
-    wrong.  With *strict* false, damaged stretches are skipped and listed in
-    ``read_error``.
+    ``large_limit`` the writers used.  Writers were killed, so records past what
+    one acknowledged may be in the file (``unreported``), never torn or twice.
     """
-    holes = unacked or {}
-    out = FileCheck()
-    following: dict[int, int] = {}  # writer id -> next seq expected
-    gaps: dict[int, list[list[int]]] = {}  # writer id -> [[lo, hi), ...] not seen yet
-    reader = shmflush.read(path, strict=strict)
-    index = 0
-    try:
-        for index, payload in enumerate(reader):
-            out.in_file += 1
-            if len(payload) < HEADER.size:
-                if payload == _TINY[: len(payload)]:
-                    out.tiny += 1
-                else:
-                    out.corrupt += 1
-                    out.note("corrupt", f"record #{index}: {len(payload)} bytes, not a tiny one")
-                continue
-            writer_id, seq = HEADER.unpack_from(payload)
-            if not known(writer_id):
-                out.corrupt += 1
-                out.note("corrupt", f"record #{index}: unknown writer id {writer_id}")
-                continue
-            where = f"record #{index} (writer {writer_id} seq {seq})"
-            if payload != expected_record(writer_id, seq, large):
-                out.corrupt += 1
-                out.note("corrupt", f"{where}: {len(payload)} bytes, not as written")
-                if is_tiny(writer_id, seq):
-                    continue  # no such record was ever written: it says nothing of order
-            expected = following.get(writer_id, 0)
-            first_time = True
-            if seq == expected or (seq == expected + 1 and is_tiny(writer_id, expected)):
-                following[writer_id] = seq + 1
-            elif seq > expected:
-                gaps.setdefault(writer_id, []).append([expected, seq])
-                following[writer_id] = seq + 1
-            else:
-                first_time = _fill_gap(gaps.get(writer_id, []), seq)
-                if first_time:
-                    out.out_of_order += 1
-                    out.note("out_of_order", f"{where} after seq {expected - 1}")
-                else:
-                    out.duplicated += 1
-                    out.note("duplicated", where)
-            if first_time and (
-                seq > acked.get(writer_id, -1) or _inside(holes.get(writer_id, ()), seq)
-            ):
-                out.unacked_in_file += 1
-    except shmflush.ShmflushError as exc:
-        out.read_error = f"after record #{index}: {exc}"
-    finally:
-        reader.close()
-        out.abandoned = reader.abandoned
-    if reader.damaged:
-        out.read_error = "damaged: " + ", ".join(
-            f"[{d.start}, {d.end}) {d.reason}" for d in reader.damaged[:_EXAMPLES]
-        )
-    for writer_id, top in sorted(acked.items()):
-        skipped = holes.get(writer_id, ())
-        out.tiny_acked += tiny_count(writer_id, 0, top + 1) - sum(
-            tiny_count(writer_id, lo, min(hi, top + 1)) for lo, hi in skipped
-        )
-        unseen = [(lo, min(hi, top + 1)) for lo, hi in gaps.get(writer_id, []) if lo <= top]
-        after = following.get(writer_id, 0)
-        if after <= top:
-            unseen.append((after, top + 1))
-        missing: list[tuple[int, int]] = []
-        for lo, hi in unseen:
-            for a, b in _subtract(lo, hi, skipped):
-                n = b - a - tiny_count(writer_id, a, b)  # tiny ones are counted below
-                if n:
-                    missing.append((a + 1 if is_tiny(writer_id, a) else a, n))
-        if missing:
-            out.lost_by_writer[writer_id] = missing
-            out.lost += sum(n for _, n in missing)
-            for lo, n in missing:
-                out.note("lost", f"writer {writer_id}: {n} records from seq {lo} (acked {top})")
-    if out.tiny < out.tiny_acked:
-        out.lost += out.tiny_acked - out.tiny
-        out.note("lost", f"{out.tiny_acked} tiny records acknowledged, {out.tiny} in the file")
-    return out
-
-
-def _fill_gap(gaps: list[list[int]], seq: int) -> bool:
-    """Remove *seq* from the gap that holds it; False if no gap does (a duplicate)."""
-    for k, (lo, hi) in enumerate(gaps):
-        if lo <= seq < hi:
-            pieces = [p for p in ([lo, seq], [seq + 1, hi]) if p[0] < p[1]]
-            gaps[k : k + 1] = pieces
-            return True
-    return False
-
-
-def _inside(ranges: Sequence[tuple[int, int]], seq: int) -> bool:
-    """Whether *seq* is in one of the sorted, disjoint ``[lo, hi)`` *ranges*."""
-    k = bisect.bisect_right(ranges, (seq, _SEQ_MASK + 1)) - 1
-    return k >= 0 and ranges[k][0] <= seq < ranges[k][1]
-
-
-def _subtract(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``[lo, hi)`` less the sorted, disjoint *ranges*, as a list of ranges."""
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if b <= lo:
-            continue
-        if a >= hi:
-            break
-        if a > lo:
-            out.append((lo, a))
-        lo = max(lo, b)
-    if lo < hi:
-        out.append((lo, hi))
-    return out
+    expected = Expected(
+        {w: top + 1 for w, top in acked.items()},
+        unreported=unacked or {},
+        writers=known,
+        complete=False,
+    )
+    return checker_check_file(path, workload(large), expected, strict=strict)
 
 
 class Acks:
@@ -1168,7 +967,7 @@ class _Soak:
             self.errors.append(f"close: {exc}")
         return stats
 
-    def check(self, *, strict: bool = True) -> FileCheck:
+    def check(self, *, strict: bool = True) -> Verdict:
         return check_file(
             self.path,
             self.acks.top,
@@ -1178,7 +977,7 @@ class _Soak:
             strict=strict,
         )
 
-    def explain(self, check: FileCheck) -> None:
+    def explain(self, check: Verdict) -> None:
         """Print the first examples of each problem, with the writers' histories."""
         for kind, examples in check.examples.items():
             for example in examples:
@@ -1541,12 +1340,12 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
     kills = soak.writer_kills + len(soak.flusher_kills)
     print(
         f"kills={kills} (writers={soak.writer_kills} flusher={len(soak.flusher_kills)}) "
-        f"appended={soak.appended} in_file={check.in_file} lost={check.lost} "
+        f"appended={soak.appended} in_file={check.records} lost={check.lost} "
         f"duplicated={check.duplicated} out_of_order={check.out_of_order} "
-        f"corrupt={check.corrupt} abandoned={check.abandoned} "
+        f"corrupt={check.corrupt + check.foreign} abandoned={check.abandoned} "
         f"recovered={stats.recovered if stats else '?'} "
         f"restarts={stats.flusher_restarts if stats else '?'} seconds={seconds:.1f} "
-        f"unacked_in_file={check.unacked_in_file} errors={len(soak.errors)} "
+        f"unacked_in_file={check.unreported} errors={len(soak.errors)} "
         f"seed={args.seed} geometry={soak.geometry.label()} injected={soak.injected} "
         f"(in_ops={soak.in_ops} in_library={soak.in_library} escaped={soak.escaped}) "
         f"stops={soak.stops} "
@@ -1556,7 +1355,7 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
     print(
         f"soak: the ring had no live flusher {soak.down_periods} times, for up to "
         f"{soak.down_max:.1f} s; {check.tiny} tiny records in the file, "
-        f"{check.tiny_acked} acknowledged",
+        f"{check.tiny_reported} acknowledged",
         file=sys.stderr,
     )
     soak.explain(check)
@@ -1565,9 +1364,9 @@ def _run(soak: _Soak, args: argparse.Namespace) -> int:
         # records really lost from those only hidden behind the damage.
         lenient = soak.check(strict=False)
         print(
-            f"soak: read past the damage (strict=False): in_file={lenient.in_file} "
+            f"soak: read past the damage (strict=False): in_file={lenient.records} "
             f"lost={lenient.lost} duplicated={lenient.duplicated} "
-            f"out_of_order={lenient.out_of_order} corrupt={lenient.corrupt} "
+            f"out_of_order={lenient.out_of_order} corrupt={lenient.corrupt + lenient.foreign} "
             f"{lenient.read_error}",
             file=sys.stderr,
         )
