@@ -64,7 +64,7 @@ from types import FrameType
 
 import shmflush
 
-from .. import _format, _proc
+from .. import _format, _proc, _supervisor
 from .. import _layout as L
 from .._api import _default_lanes
 from .._ring import Ring, attach_ring
@@ -821,8 +821,8 @@ class _Soak:
         core = self.watch
         if core is None:
             return 0
-        pid = core.header(L.H_FLUSHER_PID)
-        if _proc.is_alive(pid, core.header(L.H_FLUSHER_START)):
+        pid = _supervisor.flusher_pid(core)
+        if pid:
             if self.down_since:
                 self.down_periods += 1
                 self.down_max = max(self.down_max, now - self.down_since)
