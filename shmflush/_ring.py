@@ -11,7 +11,7 @@ processes.  The life of one *fill* of a buffer::
                                                  take: all claims committed
 
 Claims.  A writer adds ``size << 32`` to the state word with one fetch-and-add.
-The claim succeeded iff the previous word was unsealed and the record fits.
+The claim succeeded iff the previous word was unsealed and the range fits.
 Otherwise the claim failed, and exactly one of the failed claims is the
 *crossing* claim: the first whose previous offset was still within capacity.
 Offsets only grow while a fill is open, so the crossing claim is unique, and the
@@ -26,12 +26,30 @@ fill is closed exactly once (I3), and its address is assigned before the flusher
 can take it, because the flusher only takes CLOSED fills (the Rust crate's stale
 address bug).
 
-Committing.  A writer stores its claim (fill, size) in its lease slot before the
-fetch-and-add, copies the payload, writes the record header last, then adds the
-size to its own commit counter for that buffer with a plain store and clears the
-intent.  No second atomic: on x86-64 stores become visible in program order, so
-a counter never covers bytes that are not there yet.  The header comes last so
-that a writer killed mid-copy leaves a zero header, never a valid-looking record.
+Chunks (protocol v3).  A writer thread claims a *chunk* of its lane's fill
+with one fetch-and-add and appends records into it with plain stores only
+(``Writer.put``).  Its lease slot says where it is: ``L_AT`` holds its position,
+with ``AT_BUSY`` set while it is inside an append, and ``L_CHUNK`` names the
+chunk.  Per record: store the position with AT_BUSY, load the fill's state
+word (sealed?) and the slot's own chunk word (taken back?), copy the payload,
+write the header last, set the commit counter (position + size, plus the
+offset the counter had at the chunk's start), store the new position without
+AT_BUSY.  A counter never runs ahead of the bytes it covers: on x86-64 stores
+become visible in program order.  The header comes last so that a writer
+killed mid-copy leaves a zero header, never a valid-looking record.
+
+The chunk's unused tail is returned, as zero bytes (padding in the file): by
+the writer when the next record does not fit or it sees the fill sealed, by
+a writer that seals (sync) for its own chunk, and by the flusher for writers
+outside an append (``Ring.return_chunks``): it seals, then calls
+``membarrier(2)`` (``_fence``) so that every writer's "inside an append" store
+is visible or its next check sees the seal, then takes each tail whose
+writer's position reads without AT_BUSY.  Whoever wins a compare-and-swap on
+the chunk word commits the tail: the writer in its own row, the flusher in
+its row.  So a writer stopped outside an append holds up nothing, and one
+stopped inside holds up only its own fill.  Without membarrier (fallback),
+every chunk is exactly one claim, written under AT_BUSY from the claim on, so
+the flusher never has a tail to take: one fetch-and-add per record.
 
 Handing over.  The flusher takes a fill once it is SEALED|CLOSED and the commit
 counters of its buffer add up to ``base + used``: every successful claim is then
