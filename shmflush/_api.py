@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import errno as _errno
 import fcntl
+import functools
 import itertools
 import math
 import os
@@ -594,23 +595,9 @@ class Ring:
         core = self._live_core()
         deadline = _deadline(timeout)
         span = _HDR + ((n + 7) & -8)
-        # One record as numpy sees it: the header as one little-endian word,
-        # then the payload.  Assigning a field writes every row's at once.
-        record = (
-            np.dtype(
-                {
-                    "names": ["h", "p"],
-                    "formats": ["<u8", f"V{n}" if n else "V1"],
-                    "offsets": [0, _HDR],
-                    "itemsize": span,
-                }
-            )
-            if n
-            else np.dtype({"names": ["h"], "formats": ["<u8"], "offsets": [0], "itemsize": span})
-        )
-        header = int.from_bytes(_format.RECORD_HEADER.pack(n, _KIND_DATA, _MARK), "little")
-        source = array.reshape(rows, -1).view(np.uint8).reshape(rows, n)
-        payloads = source.view(f"V{n}").reshape(rows) if n else None
+        record, payload, header = _array_layout(n)
+        # The rows as one void item each: one assignment copies them all.
+        payloads = array.reshape(rows, -1).view(np.uint8).view(payload).reshape(rows) if n else None
         mapped = core.bytes_view()
         done = 0
         slot = self._slot()
@@ -791,7 +778,13 @@ class _Reservation:
 
     def __enter__(self) -> memoryview:
         ring = self._ring
-        slot = ring._slot()
+        tls = ring._tls
+        slot: Writer | None = getattr(tls, "slot", None)
+        # A chunk with room (limit is 0 without one, and while anything is
+        # unsettled) and no block open: straight in.  Else the general checks
+        # (an open block, leftovers to settle, a new slot).
+        if slot is None or not slot.limit or getattr(tls, "reservation", None) is not None:
+            slot = ring._slot()
         size = self._size
         try:
             # Inside an append at the chunk's position until __exit__ (AT_BUSY).
@@ -1034,6 +1027,26 @@ def _drain_error(core: _Core, timed_out: ShmflushError | None) -> ShmflushError 
     if cause is not None:
         error.__cause__ = cause
     return error
+
+
+@functools.lru_cache(maxsize=64)
+def _array_layout(n: int) -> tuple[Any, Any, int]:
+    """For append_array rows of *n* bytes: the record as numpy sees it (the
+    header as one little-endian word, then the payload, padded: assigning a
+    field writes every row's at once), the payload as one void item, and the
+    header word.  Cached: building a structured dtype costs more than
+    copying a small batch."""
+    import numpy as np  # noqa: PLC0415  (numpy is only paid for by its users)
+
+    span = _HDR + ((n + 7) & -8)
+    names, formats, offsets = ["h"], ["<u8"], [0]
+    if n:
+        names.append("p")
+        formats.append(f"V{n}")
+        offsets.append(_HDR)
+    record = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": span})
+    header = int.from_bytes(_format.RECORD_HEADER.pack(n, _KIND_DATA, _MARK), "little")
+    return record, np.dtype(f"V{max(n, 1)}"), header
 
 
 def _deadline(timeout: Any) -> float | None:
