@@ -236,7 +236,8 @@ class Ring:
         _atomic.check_lock_free(base + L.H_STATUS)
         self.capacity = g.capacity
         self.max_record = g.max_record
-        self.faa_limit = min(g.capacity, ((1 << 32) - 1 - g.capacity) // g.max_writers)
+        # A multiple of 8, like every claim (chunk sizes are capped by it).
+        self.faa_limit = min(g.capacity, ((1 << 32) - 1 - g.capacity) // g.max_writers) & -8
         n = g.buffers
         self.state_addr = [base + g.descriptor(i) + L.D_STATE for i in range(n)]
         self.state_w = [(g.descriptor(i) + L.D_STATE) // 8 for i in range(n)]
