@@ -5,7 +5,7 @@ its bytes with one atomic fetch-and-add; one flusher process writes full buffers
 to the file with O_DIRECT.  See README.md and docs/.
 """
 
-from ._api import DirectIOWarning, Ring, Stats, attach, create
+from ._api import DamagedTailWarning, DirectIOWarning, Ring, Stats, attach, create
 from ._errors import (
     CorruptFileError,
     CorruptRingError,
@@ -25,6 +25,7 @@ __all__ = [
     "CorruptFileError",
     "CorruptRingError",
     "Damage",
+    "DamagedTailWarning",
     "DirectIOWarning",
     "ForeignFileError",
     "Reader",

@@ -25,6 +25,7 @@ from typing import Any, Final
 from . import _faults, _fence, _format, _proc, _supervisor
 from . import _layout as L
 from ._errors import (
+    CorruptFileError,
     ForeignFileError,
     RecordTooLargeError,
     RingBrokenError,
@@ -32,13 +33,14 @@ from ._errors import (
     RingExistsError,
     RingTimeoutError,
     ShmflushError,
+    UnsupportedFormatError,
 )
 from ._reader import find_append_point
 from ._ring import Ring as _Core
 from ._ring import Writer, attach_ring
 from ._ring import restore_signal_mask as _restore_signal_mask
 
-__all__ = ["DirectIOWarning", "Ring", "Stats", "attach", "create"]
+__all__ = ["DamagedTailWarning", "DirectIOWarning", "Ring", "Stats", "attach", "create"]
 
 _HDR: Final = _format.RECORD_HEADER_SIZE
 _KIND_DATA: Final = _format.KIND_DATA
@@ -48,6 +50,11 @@ _KIND_ABANDONED: Final = _format.KIND_ABANDONED
 # an eighth of a buffer, if less): large enough to amortise the atomic, small
 # enough that a claim that does not fit wastes little of a buffer.
 _BATCH_BYTES: Final = 64 << 10
+
+
+class DamagedTailWarning(RuntimeWarning):
+    """:func:`create` cut off damaged bytes after a file's last valid segment,
+    after copying them to a sibling file that the message names."""
 
 
 class DirectIOWarning(RuntimeWarning):
@@ -571,7 +578,12 @@ class Ring:
         structured view of shared memory.  Returns the number of rows appended;
         on a failure part-way (an exception such as ``KeyboardInterrupt``
         included), the rows of earlier batches are appended, each whole.
-        Read them back with :func:`shmflush.read_array`.
+
+        Each batch starts with an array descriptor record (row size, row count,
+        dtype and row shape), which :func:`shmflush.read` skips and
+        :func:`shmflush.read_array` uses, so the rows read back without a dtype
+        argument.  Row and descriptor share one buffer: a row of nearly
+        :attr:`max_record` bytes may not fit with it (:class:`RecordTooLargeError`).
         """
         import numpy as np  # noqa: PLC0415  (numpy is only paid for by its users)
 
@@ -598,23 +610,38 @@ class Ring:
         record, payload, header = _array_layout(n)
         # The rows as one void item each: one assignment copies them all.
         payloads = array.reshape(rows, -1).view(np.uint8).view(payload).reshape(rows) if n else None
+        # Each batch starts with a KIND_ARRAY record (row size, row count, dtype),
+        # in the same claimed range, so a reader needs no guess (docs/format.md 3).
+        descriptor = _format.pack_array_descriptor(n, 0, _dtype_text(np, array))
+        dlen = len(descriptor)
+        dspan = _HDR + ((dlen + 7) & -8)
+        if dspan + span > self._capacity:
+            raise RecordTooLargeError(
+                f"append_array() row of {n} bytes and its {dspan}-byte array descriptor do "
+                f"not fit in one buffer of ring {self.name!r} (capacity {self._capacity} bytes)"
+            )
         mapped = core.bytes_view()
         done = 0
         slot = self._slot()
 
         def fits(room: int) -> int:
-            return min(rows - done, room // span) * span
+            k = min(rows - done, (room - dspan) // span) if room > dspan else 0
+            return dspan + k * span if k > 0 else 0
 
         try:
             while done < rows:
                 at, total, claimed = self._open_range(
-                    slot, span, (rows - done) * span, fits, deadline
+                    slot, dspan + span, dspan + (rows - done) * span, fits, deadline
                 )
-                k = total // span
-                target = mapped[at : at + total].view(record)
+                k = (total - dspan) // span
+                _format.ARRAY_DESCRIPTOR.pack_into(descriptor, 0, n, k)
+                mapped[at + _HDR : at + _HDR + dlen] = descriptor
+                rows_at = at + dspan
+                target = mapped[rows_at : at + total].view(record)
                 if payloads is not None:
                     target["p"] = payloads[done : done + k]
                 target["h"] = header  # every header after every payload
+                self._pack(self._view, at, dlen, _format.KIND_ARRAY, _MARK)
                 slot.commit_to(at + total)
                 if claimed:
                     slot.fresh()
@@ -969,7 +996,7 @@ def _unwritten(core: _Core) -> _Unwritten:
                 at += _format.RECORD_ALIGN
                 continue
             size = _format.record_size(length)
-            if mark != _MARK or kind not in (_KIND_DATA, _KIND_ABANDONED) or size > end - at:
+            if mark != _MARK or kind not in _format.RECORD_KINDS or size > end - at:
                 break
             if kind == _KIND_DATA:
                 records += 1
@@ -1091,6 +1118,12 @@ def _as_bytes(data: Any) -> memoryview:
     return view
 
 
+def _dtype_text(np: Any, array: Any) -> str:
+    """The dtype text of an array descriptor: ``repr((descr, row_shape))``."""
+    descr = np.lib.format.dtype_to_descr(array.dtype)
+    return repr((descr, tuple(int(d) for d in array.shape[1:])))
+
+
 def _holds_objects(fmt: str) -> bool:
     """Does struct/PEP 3118 format *fmt* hold an ``O`` (Python object) code?
 
@@ -1121,8 +1154,12 @@ def create(
     """Create ring *name* appending to the file at *path*, and start its flusher.
 
     The calling process becomes the owner: its :meth:`Ring.close` drains and
-    removes the ring.  An existing file is appended to, after its last complete
-    segment (a torn tail left by a crash is cut off).
+    removes the ring.  A new or empty file gets a file header with a fresh random
+    stream id, durable before any record.  An existing file is appended to, after
+    its last complete segment: zeros and a write torn by a crash after it are cut
+    off; other bytes there (bit rot, damage) are first copied to a sibling file
+    ``<path>.cut-<offset>``, made durable, with a :class:`DamagedTailWarning`
+    naming it (``docs/format.md`` section 10.2).
 
     * *buffer_size*: bytes per buffer, a multiple of 4096; a record may be up to
       ``buffer_size - 72`` bytes.
@@ -1145,8 +1182,10 @@ def create(
     arguments, :class:`OSError` if the file cannot be opened,
     :class:`ForeignFileError` if *path* is not a regular file (a directory, a
     device, a FIFO), is on a file system that cannot make it durable (``/proc``),
-    or is not empty yet holds no shmflush segment (the file is then left
-    untouched; a file of only zero bytes counts as empty), and
+    or is not empty yet does not start with a shmflush file header (a file of
+    zero bytes included), :class:`UnsupportedFormatError` for a file of another
+    format version, :class:`CorruptFileError` for a file whose file header is
+    damaged (in these cases the file is left byte for byte as it was), and
     :class:`ShmflushError` if the file is in use by another ring.
     """
     L.check_name(name)
@@ -1198,7 +1237,7 @@ def create(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ShmflushError(f"{path} is in use by another shmflush ring") from None
-        address, next_seq = _append_point(fd, path)
+        address, next_seq, stream_id = _open_stream(fd, path)
         mm = L.create_segment(name, geometry.total_size, mode, exist_ok=False)
         created = True
         view = memoryview(mm)
@@ -1212,6 +1251,7 @@ def create(
                 owner_start=_proc.start_time(os.getpid()),
                 next_address=address,
                 next_seq=next_seq,
+                stream_id=stream_id,
                 recovery_ns=int(recovery_timeout * 1e9),
                 path=encoded,
                 # Chunks only where this process can take part in the fence;
@@ -1289,46 +1329,151 @@ def _check_syncable(fd: int, path: str) -> None:
         ) from exc
 
 
-def _append_point(fd: int, path: str) -> tuple[int, int]:
-    """Where the new ring appends to the locked file *fd*: ``(address, next_seq)``.
+def _open_stream(fd: int, path: str) -> tuple[int, int, bytes]:
+    """Make the locked file *fd* ready to append: ``(address, next_seq, stream_id)``.
 
-    Cuts what follows the last valid segment (a torn or zero tail), and raises
-    :class:`ForeignFileError`, touching nothing, for a file that is not ours.
+    An empty file gets a file header (a fresh random stream id), written and
+    made durable before any segment.  An existing one must start with a valid
+    file header of this format version, else :class:`ForeignFileError`,
+    :class:`UnsupportedFormatError` or :class:`CorruptFileError`, touching
+    nothing.  What follows its last valid segment is cut (docs/format.md 7.1):
+    zeros and a torn write silently; other bytes only after a copy of them is
+    durable in a sibling file, with a :class:`DamagedTailWarning`.
     """
-    address, next_seq = find_append_point(fd)
     size = os.fstat(fd).st_size
-    if not address and size and not _holds_nothing_or_a_torn_start(fd, size):
-        # Not empty, yet no valid segment: somebody else's file (a log, a
-        # database) given by mistake.  Truncating it would destroy it.
-        raise ForeignFileError(
+    head = os.pread(fd, _format.FILE_HEADER_SIZE, 0)
+    if size == 0 or _interrupted_creation(head, size):
+        return _start_stream(fd, path)
+    header = _format.parse_file_header(head)
+    if isinstance(header, str):
+        version = _format.headerless_version(head)
+        if version is not None:
+            raise UnsupportedFormatError(path, 0, version, headerless=True)
+        if not head.startswith(_format.FILE_MAGIC):
+            # Somebody else's file (a log, a database) given by mistake:
+            # truncating or appending would destroy it.
+            raise ForeignFileError(path, f"not a shmflush file: {_what_it_holds(head, size)}")
+        raise CorruptFileError(
             path,
-            f"not a shmflush file: no valid segment in {size} bytes; move it away "
-            "or pick another path",
+            0,
+            f"{header}: the file header is damaged, so its segments cannot be told from "
+            "look-alikes; create() does not append to it.  Read what is left with "
+            "shmflush.read(path, strict=False), then move the file away",
         )
-    if size > address:
-        os.ftruncate(fd, address)  # the tail holds no valid segment
-    return address, next_seq
+    if header.version != _format.FORMAT_VERSION:
+        raise UnsupportedFormatError(path, 0, header.version)
+    point = find_append_point(fd, header.stream_id)
+    if point.tail == "damage":
+        # Whole blocks, so that offsets in the copy keep the file's alignment.
+        keep_end = min(size, _format.pad_block(point.nonzero_end))
+        kept = _keep_cut_bytes(fd, path, point.address, keep_end)
+        warnings.warn(
+            f"{path}: the {keep_end - point.address} bytes after the last valid "
+            f"segment (from byte offset {point.address}) hold no valid segment and are not "
+            "a write torn by a crash (bit rot, or damage that cannot be told from it); "
+            f"they were copied to {kept} before the file was cut there",
+            DamagedTailWarning,
+            stacklevel=3,
+        )
+    if size > point.address:
+        os.ftruncate(fd, point.address)  # the tail holds no valid segment
+    return point.address, point.next_seq, header.stream_id
 
 
-def _holds_nothing_or_a_torn_start(fd: int, size: int) -> bool:
-    """For a file with no valid segment: may create() truncate it and start over?
+def _start_stream(fd: int, path: str) -> tuple[int, int, bytes]:
+    """Write a fresh file header on an empty file and make it durable."""
+    stream_id = os.urandom(_format.STREAM_ID_SIZE)
+    os.ftruncate(fd, 0)
+    block = _format.pack_file_header(stream_id, time.time_ns())
+    if os.pwrite(fd, block, 0) != len(block):
+        raise OSError(_errno.EIO, f"{path}: short write of the file header")
+    os.fdatasync(fd)
+    _sync_directory(path)  # the new file's name must survive a crash too
+    return _format.DATA_START, 0, stream_id
 
-    Yes if every byte is zero (a preallocated tail, nothing written), or if a
-    segment header that checks out sits at offset 0: a shmflush file whose first
-    segment was torn by a crash.  Anything else is not ours.
-    """
-    head = _format.parse_segment_header(os.pread(fd, _format.SEGMENT_HEADER_SIZE, 0), 0)
-    if not isinstance(head, str):
-        return True
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+
+def _interrupted_creation(head: bytes, size: int) -> bool:
+    """A file that an interrupted create() left: nothing past the first block, which
+    starts with the file magic (the header write began) but fails its checks."""
+    if size > _format.FILE_HEADER_SIZE or not head.startswith(_format.FILE_MAGIC):
+        return False
+    return isinstance(_format.parse_file_header(head), str)
+
+
+def _what_it_holds(head: bytes, size: int) -> str:
+    if head.count(0) == len(head) and size <= len(head):
+        what = f"{size} bytes, all zero" if size != 1 else "1 byte, zero"
+    elif head.count(0) == len(head):
+        what = f"{size} bytes starting with {len(head)} zero bytes"
+    else:
+        what = f"{size} bytes starting with {head[:16]!r}"
+    return (
+        f"{what}, no shmflush file header (magic {_format.FILE_MAGIC!r} at offset 0). "
+        "It was left as it was; move it away or pick another path"
+    )
+
+
+def _keep_cut_bytes(fd: int, path: str, start: int, end: int) -> str:
+    """Copy file bytes ``[start, end)`` to a new sibling ``<path>.cut-<start>`` and make
+    it durable (fsync, then its directory); returns its path.  A sibling that
+    already holds exactly these bytes (a previous create() died before the cut)
+    is reused."""
+    base = f"{path}.cut-{start}"
+    for n in range(1000):
+        name = base if n == 0 else f"{base}.{n}"
+        try:
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            if _same_bytes(fd, start, end, name):
+                return name
+            continue
+        try:
+            _copy_range(fd, start, end, out, path)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            with suppress(OSError):
+                os.unlink(name)
+            raise
+        os.close(out)
+        _sync_directory(name)
+        return name
+    raise ShmflushError(f"{path}: cannot find a free name for a copy of its damaged tail")
+
+
+def _copy_range(fd: int, start: int, end: int, out: int, path: str) -> None:
+    at = start
+    while at < end:
+        chunk = os.pread(fd, min(1 << 20, end - at), at)
         if not chunk:
-            return True  # shrank while we looked: what is gone held nothing
-        if chunk.count(0) != len(chunk):
+            raise OSError(_errno.EIO, f"{path}: file shrank while its tail was copied")
+        os.write(out, chunk)
+        at += len(chunk)
+
+
+def _same_bytes(fd: int, start: int, end: int, other: str) -> bool:
+    try:
+        if os.stat(other).st_size != end - start:
             return False
-        offset += len(chunk)
+        with open(other, "rb") as f:
+            at = start
+            while at < end:
+                want = min(1 << 20, end - at)
+                if f.read(want) != os.pread(fd, want, at):
+                    return False
+                at += want
+    except OSError:
+        return False
     return True
+
+
+def _sync_directory(path: str) -> None:
+    """fsync(2) the directory holding *path*, so that its entry is durable."""
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _remove_dead_ring(name: str, wait: float = 10.0) -> None:

@@ -89,10 +89,11 @@ class ForeignFileError(ShmflushError):
 
     Raised for a path that is not a regular file (a directory, a device, a FIFO),
     for a file on a file system that cannot make it durable (``/proc``, where
-    fdatasync(2) fails), and for a non-empty file that holds no valid shmflush
-    segment (somebody else's log or database, given by mistake: appending would
-    mean truncating it).  The file is left exactly as it was.  ``path`` names
-    the file and ``reason`` says why it was refused.
+    fdatasync(2) fails), and for a non-empty file that does not start with a
+    shmflush file header (somebody else's log or database, or a file of zeros,
+    given by mistake: appending would mean truncating it).  The file is left
+    exactly as it was.  ``path`` names the file and ``reason`` says why it was
+    refused.
     """
 
     def __init__(self, path: str, reason: str) -> None:
@@ -121,26 +122,38 @@ class CorruptFileError(ShmflushError):
 
 
 class UnsupportedFormatError(CorruptFileError):
-    """The file was written in an earlier version of the file format.
+    """The file was written in another version of the file format.
 
-    Its segments are intact but laid out or checksummed the way that version
-    was, so they cannot be read as this version's: no record is returned, even
-    by a tolerant reader (skipping them all as damage would hide the cause).
-    ``version`` is the file's format version; ``offset`` the segment that has it.
+    An earlier version's file is intact but laid out or checksummed the way that
+    version was; a later version's may be laid out in ways this one cannot
+    know.  Either way it is not read as this version's: no record is returned,
+    even by a tolerant reader (skipping them all as damage would hide the
+    cause), and :func:`shmflush.create` does not append to it.  ``version`` is
+    the file's format version; ``offset`` the header that has it.  ``headerless``
+    marks a file of a development build that wrote no file header.
     """
 
-    def __init__(self, path: str, offset: int, version: int) -> None:
+    def __init__(self, path: str, offset: int, version: int, headerless: bool = False) -> None:
         self.path = path
         self.offset = offset
         self.version = version
+        self.headerless = headerless
         self.reason = f"written in file format version {version}"
+        if headerless:
+            where = f"a development build without a file header, segment at byte offset {offset}"
+            hint = "read it with the shmflush version that wrote it"
+        elif version > FORMAT_VERSION:
+            where = f"header at byte offset {offset}"
+            hint = "read it with a newer shmflush"
+        else:
+            where = f"header at byte offset {offset}"
+            hint = "read it with the shmflush version that wrote it"
         # Not CorruptFileError's "corrupt data at ...": nothing is corrupt.
         ShmflushError.__init__(
             self,
-            f"{path}: written in shmflush file format version {version} (segment at byte "
-            f"offset {offset}); this shmflush reads format version {FORMAT_VERSION} only: "
-            "read it with the shmflush version that wrote it",
+            f"{path}: written in shmflush file format version {version} ({where}); this "
+            f"shmflush reads format version {FORMAT_VERSION} only: {hint}",
         )
 
-    def __reduce__(self) -> tuple[type, tuple[str, int, int]]:  # type: ignore[override]
-        return type(self), (self.path, self.offset, self.version)
+    def __reduce__(self) -> tuple[type, tuple[str, int, int, bool]]:  # type: ignore[override]
+        return type(self), (self.path, self.offset, self.version, self.headerless)

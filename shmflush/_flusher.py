@@ -126,8 +126,17 @@ class Flusher:
         ):
             raise ValueError(f"buffer {i}: address {address} was never handed out")
         start = ring.buffer_at[i]
+        # sealed_ns is stamped here, when the fill is taken for writing: after its
+        # seal and its last record, within one flush latency of the seal (see
+        # docs/format.md section 2).  A retried write restamps it.
         _format.write_segment_header(
-            ring.view, start, used=used, seq=words[ring.seq_w[i]], address=address
+            ring.view,
+            start,
+            used=used,
+            seq=words[ring.seq_w[i]],
+            address=address,
+            stream_id=L.read_stream_id(ring.view),
+            sealed_ns=time.time_ns(),
         )
         size = _format.segment_size(used)
         chunk = ring.view[start : start + size]
@@ -557,10 +566,11 @@ class _Gaps:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return
+        stream_id = L.read_stream_id(ring.view)
         try:
             p = mark
             while p < end:
-                header = _format.parse_segment_header(os.pread(fd, 64, p), p)
+                header = _format.parse_segment_header(os.pread(fd, 64, p), p, stream_id)
                 if isinstance(header, str):
                     p += _format.BLOCK
                     continue
@@ -614,8 +624,17 @@ class _Gaps:
                 used - _format.RECORD_HEADER_SIZE,
                 _format.KIND_ABANDONED,
             )
+            stream_id = L.read_stream_id(self.ring.view)
             for at in range(start, end, _format.BLOCK):
-                _format.write_segment_header(view, 0, used=used, seq=0, address=at)
+                _format.write_segment_header(
+                    view,
+                    0,
+                    used=used,
+                    seq=0,
+                    address=at,
+                    stream_id=stream_id,
+                    sealed_ns=time.time_ns(),
+                )
                 os.pwrite(self.flusher.fd, view, at)
             if self.flusher.sync_data:
                 os.fdatasync(self.flusher.fd)

@@ -15,6 +15,8 @@ One POSIX shared-memory object per ring, named ``/shmflush.<name>``::
       64    flush_interval in ns               -+
       72    owner pid        80  owner start time (clock ticks)   88  ring id (random)
       96    recovery timeout in ns
+      104   stream id of the file (16 bytes, from its file header): the
+            flusher writes it into every segment header
       120   always zero (see _ring.Writer.seal_w)
       128   next_address  136 next_seq  144 fill_counter    (atomic; own line)
       192   status        200 error errno   208 error buffer   216 waiters
@@ -174,6 +176,7 @@ H_OWNER_PID: Final = 72
 H_OWNER_START: Final = 80
 H_RING_ID: Final = 88  # random per creation: tells a ring from a later one of the same name
 H_RECOVERY_NS: Final = 96  # how long a stuck fill waits before dead-writer recovery
+H_STREAM_ID: Final = 104  # 16 bytes: the file's stream id (see _format), up to H_ZERO
 H_ZERO: Final = 120  # always zero: the word a fresh chunk's first put() checks (see _ring)
 H_NEXT_ADDRESS: Final = 128
 H_NEXT_SEQ: Final = 136
@@ -475,6 +478,7 @@ def init_header(
     recovery_ns: int = 500_000_000,
     path: bytes = b"",
     fence: int = FENCE_OFF,
+    stream_id: bytes = bytes(_format.STREAM_ID_SIZE),
 ) -> None:
     """Fill a fresh, zeroed segment.  Runs before any other process can see it.
 
@@ -511,9 +515,17 @@ def init_header(
     if len(path) > MAX_PATH_BYTES or b"\0" in path:
         raise ValueError(f"path must be at most {MAX_PATH_BYTES} bytes without NUL")
     view[H_PATH : H_PATH + len(path)] = path
+    if len(stream_id) != _format.STREAM_ID_SIZE:
+        raise ValueError(f"stream_id must be {_format.STREAM_ID_SIZE} bytes")
+    view[H_STREAM_ID : H_STREAM_ID + _format.STREAM_ID_SIZE] = stream_id
     # The magic goes last: a process that attaches early sees no magic and fails
     # cleanly instead of reading half-written parameters.
     view[H_MAGIC : H_MAGIC + 8] = MAGIC
+
+
+def read_stream_id(view: memoryview) -> bytes:
+    """The stream id of the ring's file, as stored in the header."""
+    return bytes(view[H_STREAM_ID : H_STREAM_ID + _format.STREAM_ID_SIZE])
 
 
 def read_path(view: memoryview) -> bytes:

@@ -22,20 +22,26 @@ if TYPE_CHECKING:
 from ._errors import CorruptFileError, UnsupportedFormatError
 from ._format import (
     BLOCK,
+    DATA_START,
+    FORMAT_VERSION,
     KIND_ABANDONED,
     KIND_DATA,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
+    RECORD_KINDS,
     RECORD_MARK,
     SEGMENT_HEADER_SIZE,
-    SEGMENT_MAGIC,
+    ArrayDescriptor,
+    FileHeader,
     SegmentHeader,
     check_records,
     crc,
+    headerless_version,
     is_padding,
     iter_records,
-    older_version,
     pad_block,
+    parse_array_descriptor,
+    parse_file_header,
     parse_segment_header,
     record_size,
     segment_size,
@@ -49,11 +55,16 @@ _READ_CHUNK = 1 << 20
 # streamed twice (check, then yield) so memory stays bounded by the chunk size
 # (or by the largest single record, which has to be returned whole anyway).
 _WHOLE_SEGMENT_LIMIT = 4 << 20
-# Window of the backward scan in find_append_point.
+# Window of the forward walk in find_append_point.
 _BACK_CHUNK = 1 << 20
+# Read-ahead of the forward walk of find_append_point over small segments.
+_WALK_WINDOW = 1 << 16
+# The unit a disk writes atomically, at best: a torn write misses whole sectors.
+_SECTOR = 512
 
 assert _READ_CHUNK % BLOCK == 0
 assert _BACK_CHUNK % BLOCK == 0
+assert _WALK_WINDOW <= _BACK_CHUNK
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +72,17 @@ class Damage:
     """A stretch ``[start, end)`` of the file that held no readable segment.
 
     ``reason`` says why the segment expected at ``start`` was rejected.  Records
-    inside the stretch are lost; the scan resumed at ``end``.
+    inside the stretch are lost; the scan resumed at ``end``.  ``torn`` is true
+    for a stretch that looks like a write cut short by a crash rather than
+    damage: it ends the file's non-zero bytes, starts with a valid segment
+    header, and some block of that segment is missing or all zero
+    (``docs/format.md`` section 7.1).
     """
 
     start: int
     end: int
     reason: str
+    torn: bool = False
 
 
 class Reader:
@@ -100,6 +116,10 @@ class Reader:
         self._buf = b""
         self._buf_start = 0
         self._nonzero_end_cache = -1
+        # The file header's stream id; None until known (a tolerant reader of a
+        # file whose header is damaged adopts the first valid segment's).
+        self._stream: bytes | None = None
+        self.file_header: FileHeader | None = None
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._size = os.fstat(self._fd).st_size
@@ -212,7 +232,7 @@ class Reader:
     def _check_segment(self, p: int) -> SegmentHeader | str:
         """Fully validate the segment expected at ``p``: header, fit, payload CRC, records."""
         left = self._size - p
-        header = parse_segment_header(self._get(p, min(SEGMENT_HEADER_SIZE, left)), p)
+        header = parse_segment_header(self._get(p, min(SEGMENT_HEADER_SIZE, left)), p, self._stream)
         if isinstance(header, str):
             return header
         used = header.used
@@ -276,7 +296,7 @@ class Reader:
                     self.path, body_start - SEGMENT_HEADER_SIZE, "segment changed while being read"
                 )
             payload = b""
-            if kind == KIND_DATA:
+            if kind != KIND_ABANDONED:
                 payload = bytes(self._get(body_start + pos + RECORD_HEADER_SIZE, length))
             yield kind, payload
             pos += record_size(length)
@@ -287,20 +307,43 @@ class Reader:
         finally:
             self._release_fd()
 
-    def _scan_inner(self) -> Iterator[bytes]:
+    def _open_file_header(self) -> None:
+        """Read and check the file header; sets ``_stream``.  An all-zero or empty
+        file holds nothing (``_size`` is set to 0); a damaged header is damage."""
         size = self._size
-        p = 0
+        if size == 0 or self._nonzero_end() == 0:
+            self._size = 0
+            return
+        head = self._get(0, min(SEGMENT_HEADER_SIZE, size))
+        header = parse_file_header(head)
+        if isinstance(header, FileHeader):
+            if header.version != FORMAT_VERSION:
+                raise UnsupportedFormatError(self.path, 0, header.version)
+            self.file_header = header
+            self._stream = header.stream_id
+            return
+        version = headerless_version(head)
+        if version is not None:
+            # Not damage: every segment would fail the same way, and a tolerant
+            # reader would return nothing without saying why.
+            raise UnsupportedFormatError(self.path, 0, version, headerless=True)
+        if self.strict:
+            raise CorruptFileError(self.path, 0, header)
+        # Tolerant: block 0 is damage, and the stream id is taken from the first
+        # segment that checks out in every other way.  A payload cannot supply
+        # it: it lies inside a segment that starts lower, which is found first
+        # unless it is damaged too.
+        self.damaged.append(Damage(0, min(DATA_START, size), header))
+
+    def _scan_inner(self) -> Iterator[bytes]:
+        self._open_file_header()
+        size = self._size
+        p = DATA_START
         damage_start = -1
         damage_reason = ""
         while p < size:
             checked = self._check_segment(p)
             if isinstance(checked, str):
-                if checked.startswith("unsupported format version"):
-                    version = older_version(self._get(p, SEGMENT_HEADER_SIZE))
-                    if version is not None:
-                        # Not damage: every segment would fail the same way, and a
-                        # tolerant reader would return nothing without saying why.
-                        raise UnsupportedFormatError(self.path, p, version)
                 # A zero tail (preallocated, or never written) ends the file cleanly.
                 if p >= self._nonzero_end():
                     break
@@ -311,6 +354,10 @@ class Reader:
                 # Resynchronise: segments only ever start on a block boundary.
                 p += BLOCK
                 continue
+            if self._stream is None:
+                self._stream = checked.stream_id
+            described: ArrayDescriptor | None = None
+            described_left = 0  # a descriptor covers rows of its own segment only
             if damage_start >= 0:
                 self.damaged.append(Damage(damage_start, p, damage_reason))
                 damage_start = -1
@@ -319,29 +366,84 @@ class Reader:
             body_start = p + SEGMENT_HEADER_SIZE
             p += segment_size(used)
             if SEGMENT_HEADER_SIZE + used <= _WHOLE_SEGMENT_LIMIT:
-                body = self._get(body_start, used)
-                for kind, payload in iter_records(body):
-                    if kind == KIND_DATA:
-                        self.records += 1
-                        yield bytes(payload)
-                    else:
-                        self.abandoned += 1
+                records: Iterator[tuple[int, Any]] = iter_records(self._get(body_start, used))
             else:
-                for kind, data in self._large_records(body_start, used):
-                    if kind == KIND_DATA:
-                        self.records += 1
-                        yield data
+                records = self._large_records(body_start, used)
+            for kind, payload in records:
+                if kind == KIND_DATA:
+                    self.records += 1
+                    if described_left:
+                        described_left -= 1
+                        self.row_descriptor = described
                     else:
-                        self.abandoned += 1
+                        self.row_descriptor = None
+                    yield bytes(payload)
+                elif kind == KIND_ABANDONED:
+                    self.abandoned += 1
+                else:  # KIND_ARRAY
+                    described = parse_array_descriptor(payload)
+                    described_left = described.rows if described is not None else 0
         if damage_start >= 0:
-            self.damaged.append(Damage(damage_start, min(p, size), damage_reason))
+            end = min(p, size)
+            torn = end >= self._nonzero_end() and self._looks_torn(damage_start)
+            self.damaged.append(Damage(damage_start, end, damage_reason, torn))
+
+    #: The array descriptor of the DATA record returned last, if append_array
+    #: wrote it (the KIND_ARRAY record before it in its segment covers it).
+    row_descriptor: ArrayDescriptor | None = None
+
+    def _looks_torn(self, p: int) -> bool:
+        """Is the damage at ``p``, which runs to the last non-zero byte, what an
+        interrupted write of one segment leaves (docs/format.md section 7.1)?"""
+        if self._stream is None:
+            return False
+        return tail_looks_torn(
+            lambda at, n: bytes(self._get(at, min(n, self._size - at))),
+            p,
+            self._size,
+            self._nonzero_end(),
+            self._stream,
+        )
+
+
+def tail_looks_torn(get: Any, p: int, size: int, nonzero_end: int, stream_id: bytes) -> bool:
+    """True if the bytes ``[p, nonzero_end)`` look like one segment whose write
+    was cut short: a header at ``p`` that checks out (stream id, address), no
+    non-zero byte past that segment's extent, and at least one block of its
+    record area past the end of the file or all zero (a block that never
+    landed).  A segment whose every block is there, non-zero, yet fails its
+    payload CRC is bit rot, not a torn write.  ``get(offset, n)`` returns up to
+    ``n`` file bytes at ``offset``.
+    """
+    if size - p < SEGMENT_HEADER_SIZE:
+        # A header cut short: only a write that stopped inside block p's
+        # first 64 bytes leaves that (a file that ends there).
+        return True
+    header = parse_segment_header(get(p, SEGMENT_HEADER_SIZE), p, stream_id)
+    if isinstance(header, str):
+        return False
+    extent_end = p + segment_size(header.used)
+    if nonzero_end > extent_end:
+        return False
+    body_end = p + SEGMENT_HEADER_SIZE + header.used
+    if body_end > size:
+        return True  # the file ends inside the record area
+    # Disks tear writes at sector granularity (512 bytes, or 4096 on 4Kn
+    # drives), so a sector of zeros is the trace of a missing piece.
+    first = p + SEGMENT_HEADER_SIZE
+    first += -first % _SECTOR
+    for sector in range(first, body_end, _SECTOR):
+        data = get(sector, min(_SECTOR, body_end - sector))
+        if data.count(0) == len(data):
+            return True
+    return False
 
 
 def _record_problem(pos: int, length: int, kind: int, mark: int, used: int) -> str | None:
     """The same checks as :func:`shmflush._format.iter_records`, for one header."""
     if mark != RECORD_MARK:
         return f"record at record-area offset {pos}: bad mark 0x{mark:04x}"
-    if kind not in (KIND_DATA, KIND_ABANDONED):
+    if kind not in RECORD_KINDS:
         return f"record at record-area offset {pos}: unknown kind {kind}"
     if record_size(length) > used - pos:
         return (
@@ -369,12 +471,17 @@ def read(path: str | os.PathLike[str], *, strict: bool = True) -> Reader:
       4 KiB boundary holding a valid segment, and a :class:`Damage` is appended
       to ``reader.damaged``.
 
-    A segment written in an earlier version of the file format (an intact header
-    of that version) is not damage: iteration raises
-    :class:`~shmflush.UnsupportedFormatError` there, in both modes.
+    The file header (``docs/format.md`` section 2) is checked first.  A file of
+    another format version (a newer one, or a development build that wrote no
+    file header) is not damage: iteration raises
+    :class:`~shmflush.UnsupportedFormatError`, naming both versions, in both
+    modes.  A damaged file header is damage at offset 0; a tolerant reader goes
+    on with the stream id of the first valid segment.  A segment of another
+    stream (its stream id is not the file header's) is damage.
 
     Guarantee: no payload is ever returned from a segment whose header CRC,
-    self-declared address, payload CRC or record structure fails.
+    stream id, self-declared address, payload CRC or record structure fails,
+    and bytes inside a valid segment are never read as a segment header.
 
     Raises :class:`OSError` if the file cannot be opened.
     """
@@ -384,30 +491,82 @@ def read(path: str | os.PathLike[str], *, strict: bool = True) -> Reader:
 
 
 def read_array(
-    path: str | os.PathLike[str], dtype: Any, *, strict: bool = True
+    path: str | os.PathLike[str], dtype: Any = None, *, strict: bool = True
 ) -> np.ndarray[Any, Any]:
-    """Read every DATA record of *path* as one element of a numpy array.
+    """Read every DATA record of *path* as one row of a numpy array.
 
-    The counterpart of :meth:`Ring.append_array`: every record must be exactly
-    ``numpy.dtype(dtype).itemsize`` bytes, else :class:`ValueError` names the
-    first record that is not.  For rows of a 2-D ``uint8`` array of width w, pass
-    ``dtype=(numpy.uint8, (w,))`` to get the rows back as shape ``(N, w)``.
+    The counterpart of :meth:`Ring.append_array`, which writes before each
+    batch of rows an array descriptor: the row size, the element dtype and the
+    row shape.  With ``dtype=None`` (default) the dtype comes from those
+    descriptors: every record must be a row that append_array wrote, all with
+    the same dtype and shape, else :class:`ValueError` names the first record
+    that is not.  A row of shape ``s`` comes back as ``result[i]`` of shape
+    ``s`` (a 2-D ``uint8`` array of width w reads back as shape ``(N, w)``).
+
+    With a *dtype*, every record must be exactly ``numpy.dtype(dtype).itemsize``
+    bytes (records that ``append`` wrote included), else :class:`ValueError`
+    names the first record that is not; a descriptor's row size must agree.
+    For rows of width w, ``dtype=(numpy.uint8, (w,))`` gives shape ``(N, w)``.
     Damage is handled as in :func:`read`.
     """
     import numpy as np  # noqa: PLC0415  (only array users pay for numpy)
 
-    dt = np.dtype(dtype)
+    where = os.fspath(path)
+    given = None if dtype is None else np.dtype(dtype)
+    found: Any = None
+    parsed: dict[str, Any] = {}
     chunks: list[bytes] = []
     with read(path, strict=strict) as reader:
         for index, record in enumerate(reader):
-            if len(record) != dt.itemsize:
+            desc = reader.row_descriptor
+            if desc is not None and desc.row_size != len(record):
                 raise ValueError(
-                    f"{os.fspath(path)}: record {index} has {len(record)} bytes, "
-                    f"dtype {dt} needs {dt.itemsize}"
+                    f"{where}: record {index} has {len(record)} bytes, its array descriptor "
+                    f"says rows of {desc.row_size}"
                 )
+            if given is not None:
+                if len(record) != given.itemsize:
+                    raise ValueError(
+                        f"{where}: record {index} has {len(record)} bytes, "
+                        f"dtype {given} needs {given.itemsize}"
+                    )
+            else:
+                if desc is None or not desc.dtype_text:
+                    raise ValueError(
+                        f"{where}: record {index} carries no dtype (append_array did not "
+                        "write it); pass dtype= to read_array"
+                    )
+                dt = parsed.get(desc.dtype_text)
+                if dt is None:
+                    dt = parsed[desc.dtype_text] = _descriptor_dtype(np, desc.dtype_text, where)
+                if found is None:
+                    found = dt
+                elif dt != found:
+                    raise ValueError(
+                        f"{where}: record {index} is a row of dtype {dt}, earlier rows of "
+                        f"{found}; pass dtype= to read them all as one"
+                    )
+                if dt.itemsize != len(record):
+                    raise ValueError(
+                        f"{where}: record {index} has {len(record)} bytes, its dtype {dt} "
+                        f"needs {dt.itemsize}"
+                    )
             chunks.append(record)
+    dt_out = given if given is not None else (found if found is not None else np.dtype("V0"))
     # bytearray.join: one copy, and the array is writable.
-    return np.frombuffer(bytearray().join(chunks), dtype=dt)
+    return np.frombuffer(bytearray().join(chunks), dtype=dt_out)
+
+
+def _descriptor_dtype(np: Any, text: str, where: str) -> Any:
+    """The row dtype an array descriptor's text names: ``repr((descr, shape))``."""
+    import ast  # noqa: PLC0415
+
+    try:
+        descr, shape = ast.literal_eval(text)
+        base = np.lib.format.descr_to_dtype(descr)
+        return np.dtype((base, tuple(shape))) if shape else base
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"{where}: unreadable array descriptor {text[:80]!r}: {exc}") from None
 
 
 class _AlignedReader:
@@ -445,65 +604,99 @@ class _AlignedReader:
         return memoryview(self.buf)[: max(0, min(got, end - start))]
 
 
-def find_append_point(fd: int) -> tuple[int, int]:
-    """Where to append to an existing file: ``(address, next_seq)``.
+@dataclass(frozen=True, slots=True)
+class AppendPoint:
+    """Where a ring appends to an existing file, and what lies after that point.
 
-    ``address`` is the end (padded size) of the last valid segment in the file and
-    ``next_seq`` that segment's seq + 1; ``(0, 0)`` for an empty file or one with
-    no valid segment.  Whatever lies after the last valid segment (a torn
-    segment, zeros) is not part of the file's contents: truncate the file to
-    ``address`` (ftruncate(2)) before appending, or leftovers of a torn tail
-    longer than the new segments would remain behind them and read as damage.
+    ``address`` is the end (padded size) of the last valid segment, or
+    :data:`DATA_START` when there is none; ``next_seq`` that segment's seq + 1.
+    ``tail`` says what ``[address, size)`` holds: ``"none"`` (nothing),
+    ``"zero"`` (only zero bytes), ``"torn"`` (one segment whose write was cut
+    short, see :func:`tail_looks_torn`) or ``"damage"`` (non-zero bytes that are
+    not a torn write: bit rot, or a torn write that cannot be told from it).
+    ``nonzero_end`` is the end of the last non-zero byte at or after ``address``.
+    """
 
-    ``fd`` must be open for reading; it may use O_DIRECT.  Its file position is not
-    used or changed.  The scan runs backward from the end, a block at a time, so
-    its cost depends on the size of the torn or zero tail, not of the file.
+    address: int
+    next_seq: int
+    tail: str
+    nonzero_end: int
 
-    A segment counts as valid if its header checks out (magic, version, header
-    CRC), its self-declared address equals its offset, its record area fits in the
-    file and its payload CRC matches.
+
+def find_append_point(fd: int, stream_id: bytes) -> AppendPoint:
+    """Where to append to an existing file whose header has ``stream_id``.
+
+    Walks the segments forward from :data:`DATA_START`, one header at a time,
+    by arithmetic: a segment whose header checks out (magic, version, header
+    CRC, stream id, address) is jumped over whole, so no byte inside a payload
+    is ever looked at as a header.  Only after damage (an invalid header with
+    non-zero bytes after it) does the walk try each next block boundary, as a
+    tolerant reader does; a candidate must then carry this file's stream id.
+    The append point is the end of the last segment whose header *and* payload
+    CRC check out.  Cost: one header read per segment, plus the payload CRC of
+    the last segments.
+
+    ``fd`` must be open for reading; it may use O_DIRECT.  Its file position is
+    not used or changed.  Nothing is written: what to do with the tail is the
+    caller's decision (see :class:`AppendPoint`).
     """
     size = os.fstat(fd).st_size
-    if size == 0:
-        return 0, 0
-    # A backward scan trusts the first valid-looking header it meets.  A record
-    # payload crafted to contain, at a 4 KiB boundary, a complete segment header
-    # with the right address and a matching payload CRC would be taken for a real
-    # segment.  Accepted: it needs deliberate crafting (the address self-check and
-    # both CRCs rule out accidents), and a forward scan would cost the whole file.
     reader = _AlignedReader(fd, size)
     try:
-        top = ((size - 1) // BLOCK) * BLOCK  # last block boundary inside the file
-        while top >= 0:
-            lo = max(0, top - (_BACK_CHUNK - BLOCK))
-            found = _scan_window_backward(reader, lo, top)
-            if found is not None:
-                return found
-            top = lo - BLOCK
-        return 0, 0
+        nonzero_end = _nonzero_end_of(reader, size)
+        walked: list[tuple[int, SegmentHeader]] = []
+        p = DATA_START
+        window, window_start = b"", 0
+        read_ahead = _WALK_WINDOW
+        while p < min(size, nonzero_end):
+            rel = p - window_start
+            if not 0 <= rel <= len(window) - SEGMENT_HEADER_SIZE:
+                # Small segments: one read serves many headers.  Large ones: read
+                # only the block that holds the header, not the payload around it.
+                with reader.read(p, p + min(read_ahead, _BACK_CHUNK)) as chunk:
+                    window, window_start, rel = bytes(chunk), p, 0
+            header = parse_segment_header(window[rel : rel + SEGMENT_HEADER_SIZE], p, stream_id)
+            if not isinstance(header, str) and SEGMENT_HEADER_SIZE + header.used <= size - p:
+                walked.append((p, header))
+                step = segment_size(header.used)
+                read_ahead = BLOCK if step > _WALK_WINDOW // 4 else _WALK_WINDOW
+                p += step
+            else:
+                p += BLOCK  # damage: resynchronise at the next block boundary
+        address, next_seq = DATA_START, 0
+        # Usually the last walked segment is whole; crashes can tear a few in flight.
+        for start, header in reversed(walked):
+            if _payload_crc(reader, start, header.used) == header.payload_crc:
+                address, next_seq = start + segment_size(header.used), header.seq + 1
+                break
+        if address >= size:
+            tail = "none"
+        elif address >= nonzero_end:
+            tail = "zero"
+        else:
+
+            def get(at: int, n: int) -> bytes:
+                with reader.read(at - at % BLOCK, at + n) as chunk:
+                    return bytes(chunk[at % BLOCK : at % BLOCK + n])
+
+            torn = tail_looks_torn(get, address, size, nonzero_end, stream_id)
+            tail = "torn" if torn else "damage"
+        return AppendPoint(address, next_seq, tail, max(nonzero_end, address))
     finally:
         reader.close()
 
 
-def _scan_window_backward(reader: _AlignedReader, lo: int, top: int) -> tuple[int, int] | None:
-    """Check candidates top, top - BLOCK, ..., lo (all block-aligned)."""
-    headers: list[tuple[int, SegmentHeader]] = []
-    with reader.read(lo, top + BLOCK) as window:
-        for candidate in range(top, lo - 1, -BLOCK):
-            rel = candidate - lo
-            # Cheap reject first: almost every block is payload or zeros.
-            if window[rel : rel + len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
-                continue
-            header = parse_segment_header(window[rel : rel + SEGMENT_HEADER_SIZE], candidate)
-            if not isinstance(header, str):
-                headers.append((candidate, header))
-    # The window's view is released before the body reads reuse the buffer.
-    for candidate, header in headers:
-        if SEGMENT_HEADER_SIZE + header.used > reader.size - candidate:
-            continue
-        if _payload_crc(reader, candidate, header.used) == header.payload_crc:
-            return candidate + segment_size(header.used), header.seq + 1
-    return None
+def _nonzero_end_of(reader: _AlignedReader, size: int) -> int:
+    """Offset just past the last non-zero byte of the file, scanning backward."""
+    hi = ((size + BLOCK - 1) // BLOCK) * BLOCK
+    while hi > 0:
+        lo = max(0, hi - _BACK_CHUNK)
+        with reader.read(lo, hi) as chunk:
+            data = bytes(chunk)
+        if data.count(0) != len(data):
+            return lo + len(data.rstrip(b"\0"))
+        hi = lo
+    return 0
 
 
 def _payload_crc(reader: _AlignedReader, segment_start: int, used: int) -> int:

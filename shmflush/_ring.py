@@ -671,11 +671,7 @@ class Ring:
         while at + _format.RECORD_HEADER_SIZE <= end:
             length, kind, mark = _format.RECORD_HEADER.unpack_from(view, at)
             size = _format.record_size(length)
-            if (
-                mark != _format.RECORD_MARK
-                or kind not in (_format.KIND_DATA, _format.KIND_ABANDONED)
-                or at + size > end
-            ):
+            if mark != _format.RECORD_MARK or kind not in _format.RECORD_KINDS or at + size > end:
                 break
             at += size
         return at

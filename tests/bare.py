@@ -5,12 +5,13 @@ by conftest's ``bare`` fixture)."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import shmflush
+from shmflush import _format, _proc
 from shmflush import _layout as L
-from shmflush import _proc
 from shmflush._api import Ring
 from shmflush._flusher import Flusher
 from shmflush._ring import Ring as Core
@@ -39,6 +40,10 @@ def make_bare(
     g = L.Geometry(buffer_size, buffers, lanes, 16)
     mm = L.create_segment(name, g.total_size, 0o600, exist_ok=False)
     view = memoryview(mm)
+    # A file as create() starts it: the file header, then segments from DATA_START.
+    stream_id = os.urandom(_format.STREAM_ID_SIZE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.pwrite(fd, _format.pack_file_header(stream_id, time.time_ns()), 0)
     L.init_header(
         view,
         g,
@@ -46,15 +51,15 @@ def make_bare(
         flush_interval_ns=10**9,
         owner=os.getpid(),
         owner_start=_proc.start_time(os.getpid()),
-        next_address=0,
+        next_address=_format.DATA_START,
         next_seq=0,
+        stream_id=stream_id,
     )
     view.release()
     core = Core(name, mm, g)
     core.create_semaphores(0o600)
     # "The flusher" is this process: writers that wait check that it is alive.
     core.set_header(L.H_FLUSHER_PID, os.getpid())
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     return Bare(core, Ring(core), Flusher(core, fd), path, fd)
 
 

@@ -26,6 +26,7 @@ import posix_ipc
 import pytest
 
 import shmflush
+from shmflush import _format
 from shmflush import _layout as L
 
 SHM_DIR = "/dev/shm"
@@ -426,7 +427,7 @@ def test_sync_puts_records_in_the_file_before_any_buffer_is_full(
     with _create(ring_name, path, buffer_size=65536, flush_interval=3600) as ring:
         for payload in payloads:
             ring.append(payload)
-        assert path.stat().st_size == 0  # nothing written yet: the buffer is far from full
+        assert path.stat().st_size == 4096  # the file header only: the buffer is far from full
         ring.sync(timeout=5)
         records, reader = _read_all(path, strict=False)
         assert records == payloads
@@ -724,14 +725,33 @@ def test_a_second_ring_appends_after_the_records_of_the_first(
     assert reader.damaged == []
 
 
+def _stream_of(path: Path) -> bytes:
+    header = _format.parse_file_header(path.read_bytes()[:64])
+    assert isinstance(header, _format.FileHeader)
+    return header.stream_id
+
+
+def _torn_segment(path: Path) -> bytes:
+    """The first block of a two-block segment of *path*'s stream at its end: what
+    a crash in the middle of that segment's write leaves (the second block never
+    landed)."""
+    size = path.stat().st_size
+    segment = bytearray(2 * _format.BLOCK)
+    used = 6000
+    _format.pack_record_header(segment, 64, used - 8)
+    segment[72 : 64 + used] = b"\x5a" * (used - 8)
+    _format.write_segment_header(
+        segment, 0, used=used, seq=9, address=size, stream_id=_stream_of(path), sealed_ns=1
+    )
+    return bytes(segment[: _format.BLOCK])
+
+
 def test_a_torn_tail_is_cut_off_before_appending(ring_name: str, tmp_path: Path) -> None:
     path = tmp_path / "log"
-    garbage = random.Random(11).randbytes(5000)
-    assert garbage.count(0) < len(garbage)
 
     def tear() -> None:
         with open(path, "ab") as f:
-            f.write(garbage)
+            f.write(_torn_segment(path))
         # The torn file is damaged as it stands ...
         with pytest.raises(shmflush.CorruptFileError):
             _read_all(path)
@@ -741,6 +761,37 @@ def test_a_torn_tail_is_cut_off_before_appending(ring_name: str, tmp_path: Path)
     records, reader = _read_all(path)
     assert records == expected
     assert reader.damaged == []
+    assert list(tmp_path.glob("log.cut-*")) == []  # a torn write: nothing to keep
+
+
+def test_bit_rot_in_the_last_segment_is_kept_in_a_sibling_file_not_cut_off_silently(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    with _create(ring_name, path, buffer_size=1 << 16) as ring:
+        ring.append(b"first")
+        ring.sync(timeout=10)
+        ring.append(b"x" * 9000)  # a three-block segment, every sector non-zero
+    data = bytearray(path.read_bytes())
+    last = _format.DATA_START + _format.BLOCK
+    assert data[last : last + 8] == _format.SEGMENT_MAGIC
+    data[last + 64 + 5000] ^= 0x04  # one flipped bit, deep in the last segment
+    path.write_bytes(bytes(data))
+    with pytest.warns(shmflush.DamagedTailWarning, match=r"log\.cut-8192") as caught:
+        ring = _create(ring_name + "-2", path)
+    with ring:
+        ring.append(b"after")
+    kept = tmp_path / f"log.cut-{last}"
+    assert str(kept) in str(caught[0].message)
+    end = last + 64 + 9016
+    assert kept.read_bytes() == bytes(data[last : min(len(data), _format.pad_block(end))])
+    assert path.read_bytes()[:last] == bytes(data[:last])  # nothing before it changed
+    records, _ = _read_all(path)
+    assert records == [b"first", b"after"]
+    # A second reopen finds nothing more to keep.
+    with _create(ring_name + "-3", path):
+        pass
+    assert sorted(p.name for p in tmp_path.glob("log.cut-*")) == [kept.name]
 
 
 def _fingerprint(path: Path) -> tuple[int, str]:
@@ -748,14 +799,20 @@ def _fingerprint(path: Path) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        b"".join(b"2024-05-01 12:00:%02d INFO job %d done\n" % (i % 60, i) for i in range(400)),
-        random.Random(5).randbytes(10_000),
-    ],
-    ids=["text log", "random bytes"],
-)
+FOREIGN = {
+    "text log": b"".join(
+        b"2024-05-01 12:00:%02d INFO job %d done\n" % (i % 60, i) for i in range(400)
+    ),
+    "random bytes": random.Random(5).randbytes(10_000),
+    "one zero byte": b"\0",
+    "a file of zeros": bytes(3 * 4096 + 5),
+    "zeros then text": bytes(4096) + b"log line\n",
+    "a short text": b"hi\n",
+    "segment magic at 0, not intact": b"SHMFLSEG" + bytes(100),
+}
+
+
+@pytest.mark.parametrize("content", FOREIGN.values(), ids=FOREIGN.keys())
 def test_create_refuses_a_file_that_is_not_ours_and_leaves_it_byte_for_byte(
     ring_name: str, tmp_path: Path, content: bytes
 ) -> None:
@@ -764,23 +821,103 @@ def test_create_refuses_a_file_that_is_not_ours_and_leaves_it_byte_for_byte(
     before = _fingerprint(path)
     with pytest.raises(shmflush.ForeignFileError) as info:
         _create(ring_name, path)
-    assert str(info.value) == (
-        f"{path}: not a shmflush file: no valid segment in {len(content)} bytes; move it "
-        "away or pick another path"
-    )
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a shmflush file: {len(content)} byte")
+    assert "no shmflush file header" in message
+    assert "move it away or pick another path" in message
     assert info.value.path == str(path)
     assert _fingerprint(path) == before
     assert _shm_entries_for(ring_name) == []  # no segment, semaphores or flusher left
 
 
-def test_create_reuses_a_file_of_only_zero_bytes(ring_name: str, tmp_path: Path) -> None:
+def test_create_refuses_a_file_of_a_newer_format_version_leaving_it_byte_for_byte(
+    ring_name: str, tmp_path: Path
+) -> None:
     path = tmp_path / "log"
-    path.write_bytes(bytes(3 * 4096 + 5))
     with _create(ring_name, path) as ring:
-        ring.append(b"over the zeros")
-    records, reader = _read_all(path)
-    assert records == [b"over the zeros"]
-    assert reader.damaged == []
+        ring.append(b"from the future")
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"\x04\x00")  # version 4
+    before = _fingerprint(path)
+    with pytest.raises(shmflush.UnsupportedFormatError, match=r"version 4.*reads format version 3"):
+        _create(ring_name + "-2", path)
+    assert _fingerprint(path) == before
+
+
+def test_create_refuses_a_file_whose_file_header_is_damaged_leaving_it_byte_for_byte(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    with _create(ring_name, path) as ring:
+        ring.append(b"kept")
+    with open(path, "r+b") as f:
+        f.seek(20)  # inside the stream id
+        f.write(b"\xff")
+    before = _fingerprint(path)
+    with pytest.raises(shmflush.CorruptFileError, match="file header CRC mismatch") as info:
+        _create(ring_name + "-2", path)
+    assert info.value.offset == 0
+    assert _fingerprint(path) == before
+    assert _read_all(path, strict=False)[0] == [b"kept"]  # still readable
+
+
+def test_create_writes_a_file_header_with_a_fresh_stream_id_on_a_new_file(
+    ring_name: str, tmp_path: Path
+) -> None:
+    before = time.time_ns()
+    with _create(ring_name, tmp_path / "a") as ring:
+        ring.append(b"a")
+    with _create(ring_name, tmp_path / "b") as ring:
+        ring.append(b"b")
+    after = time.time_ns()
+    headers = []
+    for name in ("a", "b"):
+        data = (tmp_path / name).read_bytes()
+        header = _format.parse_file_header(data[:64])
+        assert isinstance(header, _format.FileHeader)
+        assert before <= header.created_ns <= after
+        segment = _format.parse_segment_header(
+            data[_format.DATA_START : _format.DATA_START + 64], _format.DATA_START, header.stream_id
+        )
+        assert isinstance(segment, _format.SegmentHeader)  # the stream id in every segment
+        assert header.created_ns <= segment.sealed_ns <= after
+        headers.append(header)
+    assert headers[0].stream_id != headers[1].stream_id
+
+
+def test_segments_carry_the_time_they_were_sealed(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    stamps = []
+    with _create(ring_name, path) as ring:
+        for i in range(3):
+            t0 = time.time_ns()
+            ring.append(b"r%d" % i)
+            ring.sync(timeout=10)
+            stamps.append((t0, time.time_ns()))
+    data = path.read_bytes()
+    stream = _stream_of(path)
+    p, sealed = _format.DATA_START, []
+    while p < len(data) and data[p : p + 8] == _format.SEGMENT_MAGIC:
+        header = _format.parse_segment_header(data[p : p + 64], p, stream)
+        assert isinstance(header, _format.SegmentHeader)
+        sealed.append(header.sealed_ns)
+        p += _format.segment_size(header.used)
+    assert len(sealed) == 3
+    # Each stamp lies between the append and the return of the sync that wrote it.
+    for (t0, t1), stamp in zip(stamps, sealed, strict=True):
+        assert t0 <= stamp <= t1
+
+
+def test_create_rewrites_the_header_of_a_file_whose_creation_was_interrupted(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(_format.pack_file_header(bytes(16), 1)[:40])  # the header write, torn
+    with _create(ring_name, path) as ring:
+        ring.append(b"after the crash")
+    assert _read_all(path)[0] == [b"after the crash"]
+    assert _stream_of(path) != bytes(16)
 
 
 def test_create_starts_over_on_a_shmflush_file_whose_only_segment_is_torn(
@@ -788,12 +925,10 @@ def test_create_starts_over_on_a_shmflush_file_whose_only_segment_is_torn(
 ) -> None:
     path = tmp_path / "log"
     with _create(ring_name, path) as ring:
-        ring.append(b"torn by the crash")
-    # Damage the payload, not the header: what a crash in the middle of the
-    # first write leaves (the header block made it to disk, the rest did not).
-    with open(path, "r+b") as f:
-        f.seek(64 + 8)  # the first record's payload, after the segment and record headers
-        f.write(b"\xff" * 8)
+        ring.append(b"\x01" * 6000)  # a two-block segment
+    # What a crash in the middle of the first write leaves: the header block
+    # made it to disk, the second block did not.
+    os.truncate(path, _format.DATA_START + _format.BLOCK)
     with pytest.raises(shmflush.CorruptFileError):
         _read_all(path)
     with _create(ring_name + "-2", path) as ring:
@@ -801,6 +936,7 @@ def test_create_starts_over_on_a_shmflush_file_whose_only_segment_is_torn(
     records, reader = _read_all(path)
     assert records == [b"after the crash"]
     assert reader.damaged == []
+    assert list(tmp_path.glob("log.cut-*")) == []
 
 
 def _special_path(kind: str, tmp_path: Path) -> Path:

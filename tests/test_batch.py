@@ -146,3 +146,95 @@ def test_batches_keep_per_writer_order_across_lanes(
         seqs = rows["seq"][rows["writer"] == w]
         np.testing.assert_array_equal(seqs, np.arange(batches * per_batch))
     assert struct.calcsize("<IQd5s") == RECORD.itemsize
+
+
+def test_read_array_without_a_dtype_gets_dtype_and_row_shape_from_the_descriptors(
+    ring_name: str, tmp_path: Path
+) -> None:
+    rows = np.zeros(3000, dtype=RECORD)
+    rows["seq"] = np.arange(3000)
+    rows["tag"] = b"xyz"
+    grid = np.arange(2000 * 6, dtype=">f4").reshape(2000, 2, 3)
+    with shmflush.create(ring_name, tmp_path / "s.log", buffer_size=8192, buffers=4) as ring:
+        ring.append_array(rows)
+    with shmflush.create(ring_name, tmp_path / "g.log", buffer_size=8192, buffers=4) as ring:
+        ring.append_array(grid)
+    back = shmflush.read_array(tmp_path / "s.log")
+    assert back.dtype == RECORD
+    np.testing.assert_array_equal(back, rows)
+    back_grid = shmflush.read_array(tmp_path / "g.log")
+    assert (back_grid.dtype, back_grid.shape) == (np.dtype(">f4"), (2000, 2, 3))
+    np.testing.assert_array_equal(back_grid, grid)
+
+
+def test_read_array_without_a_dtype_refuses_records_that_append_wrote(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "m.log"
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=4) as ring:
+        ring.append_array(np.arange(4, dtype="<u8"))
+        ring.append(b"z" * 8)
+    with pytest.raises(ValueError, match=r"record 4 carries no dtype.*pass dtype="):
+        shmflush.read_array(path)
+    assert shmflush.read_array(path, "<u8").tolist() == [
+        0,
+        1,
+        2,
+        3,
+        int.from_bytes(b"z" * 8, "little"),
+    ]
+
+
+def test_read_array_without_a_dtype_refuses_rows_of_two_dtypes(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "d.log"
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=4) as ring:
+        ring.append_array(np.arange(4, dtype="<u8"))
+        ring.append_array(np.arange(4, dtype="<f8"))
+    with pytest.raises(ValueError, match="record 4 is a row of dtype float64"):
+        shmflush.read_array(path)
+
+
+def test_each_array_batch_starts_with_a_descriptor_in_its_segment_that_read_skips(
+    ring_name: str, tmp_path: Path
+) -> None:
+    from shmflush import _format
+
+    path = tmp_path / "b.log"
+    data = np.arange(5000 * 3, dtype="<i2").reshape(5000, 3)
+    with shmflush.create(ring_name, path, buffer_size=8192, buffers=4) as ring:
+        ring.append_array(data)
+    assert list(shmflush.read(path)) == [row.tobytes() for row in data]
+    raw = path.read_bytes()
+    stream = raw[16:32]
+    p, covered, descriptors = _format.DATA_START, 0, 0
+    while p < len(raw) and raw[p : p + 8] == _format.SEGMENT_MAGIC:
+        header = _format.parse_segment_header(raw[p : p + 64], p, stream)
+        assert isinstance(header, _format.SegmentHeader)
+        left = 0  # rows the last descriptor still covers, within this segment
+        for kind, payload in _format.iter_records(raw[p + 64 : p + 64 + header.used]):
+            if kind == _format.KIND_ARRAY:
+                assert left == 0
+                desc = _format.parse_array_descriptor(payload)
+                assert desc is not None
+                assert (desc.row_size, desc.dtype_text) == (6, "('<i2', (3,))")
+                left = desc.rows
+                descriptors += 1
+            elif kind == _format.KIND_DATA:
+                assert left > 0  # every row is described
+                left -= 1
+                covered += 1
+        assert left == 0
+        p += _format.segment_size(header.used)
+    assert covered == 5000
+    assert descriptors > 1  # one per claimed batch
+
+
+def test_append_array_refuses_a_row_that_fits_only_without_its_descriptor(
+    ring_name: str, tmp_path: Path
+) -> None:
+    with shmflush.create(ring_name, tmp_path / "t.log", buffer_size=8192, buffers=4) as ring:
+        with pytest.raises(shmflush.RecordTooLargeError, match="array descriptor"):
+            ring.append_array(np.zeros((2, ring.max_record), np.uint8))
+        assert ring.append_array(np.zeros((2, ring.max_record - 64), np.uint8)) == 2

@@ -34,13 +34,16 @@ import shmflush
 from shmflush import _verify
 from shmflush._format import (
     BLOCK,
+    DATA_START,
     KIND_ABANDONED,
     KIND_DATA,
     RECORD_HEADER,
     SEGMENT_HEADER_SIZE,
+    FileHeader,
     SegmentHeader,
     iter_records,
     pad_block,
+    parse_file_header,
     parse_segment_header,
     segment_size,
     write_segment_header,
@@ -83,12 +86,19 @@ class Sample:
         return [p for seg in self.segments for p in seg.data]
 
 
+def stream_of(data: bytes) -> bytes:
+    header = parse_file_header(data)
+    assert isinstance(header, FileHeader), header
+    return header.stream_id
+
+
 def segments_of(data: bytes) -> list[Segment]:
     """Walk a clean file by arithmetic, as docs/format.md section 1 describes."""
     segments = []
-    p = 0
+    stream = stream_of(data)
+    p = DATA_START
     while p < len(data):
-        header = parse_segment_header(data[p : p + SEGMENT_HEADER_SIZE], p)
+        header = parse_segment_header(data[p : p + SEGMENT_HEADER_SIZE], p, stream)
         assert isinstance(header, SegmentHeader), (p, header)
         body = data[p + SEGMENT_HEADER_SIZE : p + SEGMENT_HEADER_SIZE + header.used]
         records = [(kind, bytes(payload)) for kind, payload in iter_records(body)]
@@ -266,14 +276,15 @@ def _write(path: Path, data: bytes) -> Path:
 def test_a_cut_at_every_offset_keeps_exactly_the_segments_before_it(
     small: Sample, tmp_path: Path
 ) -> None:
-    """Every offset from the full size down to 0, truncating one file in place.
+    """Every offset from the full size down to the end of the file header
+    (test_reader covers cuts inside it), truncating one file in place.
 
     A cut inside a segment's header or record area tears it (damage); a cut in its
     zero padding leaves it whole: the padding of the last segment may be missing
     (docs/format.md section 1)."""
     path = _write(tmp_path / "cut", small.data)
     torn_cuts = clean_cuts = 0
-    for cut in range(len(small.data), -1, -1):
+    for cut in range(len(small.data), DATA_START - 1, -1):
         os.truncate(path, cut)
         data = small.data[:cut]
         damaged = check_read(path, data, small)
@@ -293,7 +304,7 @@ def test_a_cut_at_every_offset_keeps_exactly_the_segments_before_it(
     # Both outcomes were exercised, padding cuts included.
     padding = sum(segment_size(seg.used) - SEGMENT_HEADER_SIZE - seg.used for seg in small.segments)
     assert clean_cuts == len(small.segments) + 1 + padding
-    assert torn_cuts == len(small.data) + 1 - clean_cuts
+    assert torn_cuts == len(small.data) - DATA_START + 1 - clean_cuts
 
 
 def test_a_cut_in_the_padding_of_the_last_segment_reads_cleanly(
@@ -317,7 +328,7 @@ def test_random_cuts_of_a_large_file(large: Sample, tmp_path: Path) -> None:
         cuts |= {seg.start - 1, seg.start, seg.start + 1, seg.start + 63, seg.start + 64}
         cuts |= {seg.end - 1, seg.end, seg.end + 1}
     path = _write(tmp_path / "cut", large.data)
-    for cut in sorted((c for c in cuts if 0 <= c <= len(large.data)), reverse=True):
+    for cut in sorted((c for c in cuts if DATA_START <= c <= len(large.data)), reverse=True):
         os.truncate(path, cut)
         check_read(path, large.data[:cut], large)
 
@@ -337,7 +348,7 @@ def test_zeroed_blocks_lose_only_their_segments(large: Sample, tmp_path: Path) -
     blocks = len(large.data) // BLOCK
     reported = 0
     for _ in range(12):
-        zeroed = rng.sample(range(blocks), rng.randint(1, 3))
+        zeroed = rng.sample(range(1, blocks), rng.randint(1, 3))  # not the file header
         data = _zero_blocks(large.data, zeroed)
         check_read(_write(tmp_path / "zeroed", data), data, large)
         # Each stretch starts at the start of the segment holding a zeroed block.
@@ -387,7 +398,7 @@ def test_bit_flips_skip_and_report_the_damaged_segments(
         elif region == "records":
             where = [(s.start + SEGMENT_HEADER_SIZE, s.end) for s in segments if s.used]
         else:
-            where = [(0, len(large.data))]
+            where = [(DATA_START, len(large.data))]  # test_reader flips the file header
         data = _flip_bits(large.data, rng, where, rng.randint(1, 6))
         check_read(_write(tmp_path / "flipped", data), data, large)
         if region != "anywhere":
@@ -421,7 +432,15 @@ def _with_record_length(data: bytes, seg: Segment, length: int) -> bytes:
     segment = bytearray(data[seg.start : seg.start + segment_size(seg.used)])
     kind, _ = seg.records[0]
     RECORD_HEADER.pack_into(segment, SEGMENT_HEADER_SIZE, length, kind, 0x5AF1)
-    write_segment_header(segment, 0, used=seg.used, seq=seg.seq, address=seg.start)
+    write_segment_header(
+        segment,
+        0,
+        used=seg.used,
+        seq=seg.seq,
+        address=seg.start,
+        stream_id=stream_of(data),
+        sealed_ns=0,
+    )
     return data[: seg.start] + bytes(segment) + data[seg.start + len(segment) :]
 
 
@@ -582,13 +601,16 @@ def test_verify_of_an_empty_file_is_clean(
 def test_verify_refuses_a_version_2_file_with_exit_2_and_says_why(
     small: Sample, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = bytearray(small.data)
+    # What format version 2 wrote: no file header, segments from offset 0,
+    # version 2, payload_crc at 32 then 24 zero bytes, zlib's CRC-32 for both CRCs.
+    data = bytearray(small.data[DATA_START:])
     for seg in small.segments:
-        # What format version 2 wrote: version 2, zlib's CRC-32 for both CRCs.
-        struct.pack_into("<H", data, seg.start + 8, 2)
-        body = data[seg.start + SEGMENT_HEADER_SIZE : seg.start + SEGMENT_HEADER_SIZE + seg.used]
-        struct.pack_into("<I", data, seg.start + 32, zlib.crc32(body))
-        struct.pack_into("<I", data, seg.start + 60, zlib.crc32(data[seg.start : seg.start + 60]))
+        at = seg.start - DATA_START
+        struct.pack_into("<H", data, at + 8, 2)
+        struct.pack_into("<Q", data, at + 24, at)
+        body = data[at + SEGMENT_HEADER_SIZE : at + SEGMENT_HEADER_SIZE + seg.used]
+        data[at + 32 : at + 60] = struct.pack("<I", zlib.crc32(body)) + bytes(24)
+        struct.pack_into("<I", data, at + 60, zlib.crc32(data[at : at + 60]))
     path = _write(tmp_path / "v2", bytes(data))
     assert _verify.main(["--json", str(path)]) == 2
     captured = capsys.readouterr()

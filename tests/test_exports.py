@@ -13,6 +13,7 @@ PUBLIC = {
     "CorruptFileError",
     "CorruptRingError",
     "Damage",
+    "DamagedTailWarning",
     "DirectIOWarning",
     "ForeignFileError",
     "Reader",

@@ -536,3 +536,57 @@ def test_header_parameters_scribbled_after_attach_are_not_read_again(
     ring.append(b"still fine")
     ring.close(timeout=30)
     assert _read(tmp_path / "log") == [b"first", b"still fine"]
+
+
+# -- hostile payloads --------------------------------------------------------------------
+
+
+def _forged_segment(address: int, stream_id: bytes, payload: bytes) -> bytes:
+    """A complete, valid-looking segment of one DATA record, claiming *address*,
+    with its own matching CRCs: what an attacker who can write record payloads,
+    and has even read the file's stream id, can put inside a record."""
+    from shmflush import _format
+
+    used = _format.record_size(len(payload))
+    forged = bytearray(64 + used)
+    _format.pack_record_header(forged, 64, len(payload))
+    forged[72 : 72 + len(payload)] = payload
+    _format.write_segment_header(
+        forged, 0, used=used, seq=1 << 40, address=address, stream_id=stream_id, sealed_ns=1
+    )
+    return bytes(forged)
+
+
+def test_a_payload_crafted_as_a_segment_header_cannot_move_the_append_point(
+    ring_name: str, tmp_path: Path
+) -> None:
+    from shmflush import _format
+
+    path = tmp_path / "log"
+    with _create(ring_name, path, buffer_size=1 << 16) as ring:
+        ring.append(b"before")
+        ring.sync(timeout=10)
+    real_start = path.stat().st_size  # the next segment goes here
+    stream = path.read_bytes()[16:32]  # the strongest attacker knows the stream id
+    # The hostile record is the first of the next segment: its payload starts at
+    # real_start + 64 + 8.  A forged segment at the next block boundary inside it,
+    # claiming that address and a segment that ends well inside the real one.
+    forged_at = real_start + _format.BLOCK
+    lead = forged_at - (real_start + 64 + 8)
+    forged = _forged_segment(forged_at, stream, b"FAKE RECORD")
+    hostile = b"\x01" * lead + forged + b"\x02" * 9000
+    with _create(ring_name + "-2", path, buffer_size=1 << 16) as ring:
+        ring.append(hostile)
+        ring.sync(timeout=10)
+    data = path.read_bytes()
+    assert data[forged_at : forged_at + len(forged)] == forged  # where it would be trusted
+    real_end = real_start + _format.segment_size(_format.record_size(len(hostile)))
+    assert forged_at + _format.segment_size(len(forged) - 64) < real_end  # inside the real one
+    # Reopen and append: the forward walk jumps over the real segment whole.
+    with _create(ring_name + "-3", path, buffer_size=1 << 16) as ring:
+        ring.append(b"after")
+    with shmflush.read(path) as reader:  # strict: no damage anywhere
+        records = list(reader)
+    assert records == [b"before", hostile, b"after"]
+    assert b"FAKE RECORD" not in records
+    assert path.read_bytes()[real_start:real_end] == data[real_start:real_end]  # untouched

@@ -21,15 +21,22 @@ from shmflush import _reader
 from shmflush._errors import CorruptFileError
 from shmflush._format import (
     BLOCK,
+    DATA_START,
     FORMAT_VERSION,
     KIND_ABANDONED,
     KIND_DATA,
+    pack_file_header,
     pack_record_header,
     record_size,
     segment_size,
     write_segment_header,
 )
-from shmflush._reader import Damage, find_append_point, read
+from shmflush._reader import AppendPoint, Damage, find_append_point, read
+
+# The stream id of the files built here, and their file header.
+STREAM = bytes(range(16))
+HEADER = pack_file_header(STREAM, 1)
+D = DATA_START
 
 Records = list[tuple[int, bytes]]
 
@@ -50,7 +57,7 @@ class Layout:
         return [p for i in range(len(self.segments)) for p in self.data_of(i)]
 
 
-def build_segment(records: Records, *, seq: int, address: int) -> bytearray:
+def build_segment(records: Records, *, seq: int, address: int, stream: bytes = STREAM) -> bytearray:
     used = sum(record_size(len(p)) for _, p in records)
     buf = bytearray(segment_size(used))
     pos = 64
@@ -58,12 +65,16 @@ def build_segment(records: Records, *, seq: int, address: int) -> bytearray:
         pack_record_header(buf, pos, len(payload), kind)
         buf[pos + 8 : pos + 8 + len(payload)] = payload
         pos += record_size(len(payload))
-    write_segment_header(buf, 0, used=used, seq=seq, address=address)
+    write_segment_header(
+        buf, 0, used=used, seq=seq, address=address, stream_id=stream, sealed_ns=seq + 1
+    )
     return buf
 
 
-def build_file(segments: list[Records], *, first_seq: int = 0) -> Layout:
-    data = bytearray()
+def build_file(segments: list[Records], *, first_seq: int = 0, header: bool = True) -> Layout:
+    """A file of *segments*, after a file header (from offset 0 without one, the way
+    development builds wrote files)."""
+    data = bytearray(HEADER if header else b"")
     starts: list[int] = []
     useds: list[int] = []
     for i, records in enumerate(segments):
@@ -178,11 +189,11 @@ def test_zero_hole_followed_by_data_is_damage(tmp_path: Path) -> None:
     path = write(tmp_path / "f", data)
     with pytest.raises(CorruptFileError) as info:
         read_all(path, strict=True)
-    assert info.value.offset == BLOCK
+    assert info.value.offset == layout.starts[1]
     assert info.value.reason == "bad magic"
     got, reader = read_all(path, strict=False)
     assert got == layout.data_of(0) + layout.data_of(2)
-    assert reader.damaged == [Damage(BLOCK, 2 * BLOCK, "bad magic")]
+    assert reader.damaged == [Damage(layout.starts[1], layout.starts[2], "bad magic")]
 
 
 def test_trailing_nonzero_partial_block_is_damage(tmp_path: Path) -> None:
@@ -190,7 +201,10 @@ def test_trailing_nonzero_partial_block_is_damage(tmp_path: Path) -> None:
     path = write(tmp_path / "f", layout.data + b"\0\0garbage")
     got, reader = read_all(path, strict=False)
     assert got == layout.data_of(0)
-    assert reader.damaged == [Damage(BLOCK, BLOCK + 9, "truncated segment header (9 of 64 bytes)")]
+    end = len(layout.data)
+    assert reader.damaged == [
+        Damage(end, end + 9, "truncated segment header (9 of 64 bytes)", torn=True)
+    ]
 
 
 # -- truncation at every offset ----------------------------------------------------
@@ -201,8 +215,9 @@ def test_truncation_at_every_offset(tmp_path: Path) -> None:
     layout = build_file([payloads(9, [100, 0, 37]), payloads(10, [3000, 1500]), payloads(11, [9])])
     path = write(tmp_path / "f", layout.data)
     ends = [s + 64 + u for s, u in zip(layout.starts, layout.useds, strict=True)]
-    # Truncate in place from the end down, one file for all cuts.
-    for cut in range(len(layout.data), -1, -1):
+    # Truncate in place from the end down, one file for all cuts (down to the file
+    # header: test_a_cut_file_header_is_damage covers cuts below).
+    for cut in range(len(layout.data), D - 1, -1):
         os.truncate(path, cut)
         intact = [i for i, end in enumerate(ends) if end <= cut]
         torn = [i for i, (s, e) in enumerate(zip(layout.starts, ends, strict=True)) if s < cut < e]
@@ -256,7 +271,8 @@ def test_any_single_bit_flip_loses_at_most_its_segment(
     tmp_path: Path, limits: str, data: st.DataObject
 ) -> None:
     layout = build_file([payloads(20, [700, 900]), payloads(21, [5000, 300]), payloads(22, [1])])
-    bit = data.draw(st.integers(0, len(layout.data) * 8 - 1))
+    # Past the file header: test_any_bit_flip_in_the_file_header_... covers that.
+    bit = data.draw(st.integers(D * 8, len(layout.data) * 8 - 1))
     corrupted = bytearray(layout.data)
     corrupted[bit // 8] ^= 1 << (bit % 8)
     path = write(tmp_path / "f", corrupted)
@@ -286,9 +302,11 @@ def test_payload_bit_flip_is_reported_and_skipped(tmp_path: Path, limits: str) -
     assert reader.segments == 2
 
 
-def craft_header(*, used: int, address: int, payload_crc: int, seq: int = 0) -> bytes:
-    head = b"SHMFLSEG" + struct.pack("<HHIQQI", FORMAT_VERSION, 64, used, seq, address, payload_crc)
-    head += bytes(24)
+def craft_header(
+    *, used: int, address: int, payload_crc: int, seq: int = 0, stream: bytes = STREAM
+) -> bytes:
+    head = b"SHMFLSEG" + struct.pack("<HHIQQ", FORMAT_VERSION, 64, used, seq, address)
+    head += stream + struct.pack("<QI", 0, payload_crc)
     return head + struct.pack("<I", crc32c.crc32c(head))
 
 
@@ -296,47 +314,48 @@ def test_malformed_records_under_a_valid_crc_are_damage(tmp_path: Path, limits: 
     # A writer bug rather than disk damage, but the reader must not trust it.
     body = bytearray(16)
     struct.pack_into("<IHH", body, 0, 8, 0, 0x5AF1)  # kind 0
-    seg = bytearray(craft_header(used=16, address=0, payload_crc=crc32c.crc32c(body)))
+    seg = bytearray(craft_header(used=16, address=D, payload_crc=crc32c.crc32c(body)))
     seg += body + bytes(BLOCK - 80)
-    good = build_segment(payloads(40, [8]), seq=1, address=BLOCK)
-    got, reader = read_all(write(tmp_path / "f", seg + good), strict=False)
+    good = build_segment(payloads(40, [8]), seq=1, address=D + BLOCK)
+    got, reader = read_all(write(tmp_path / "f", HEADER + seg + good), strict=False)
     assert got == [p for _, p in payloads(40, [8])]
     assert reader.damaged == [
-        Damage(0, BLOCK, "malformed record at record-area offset 0: unknown kind 0")
+        Damage(D, D + BLOCK, "malformed record at record-area offset 0: unknown kind 0")
     ]
 
 
 def test_malformed_record_deep_in_a_large_segment_is_damage(tmp_path: Path, limits: str) -> None:
     # Past the first read chunk, so the streamed check must catch it too.
     records = payloads(41, [3000, 3000, 3000, 10])
-    seg = build_segment(records, seq=0, address=0)
+    seg = build_segment(records, seq=0, address=D)
     bad_at = 3 * record_size(3000)  # record-area offset of the last record
     struct.pack_into("<H", seg, 64 + bad_at + 6, 0x1234)  # its mark
     used = 3 * record_size(3000) + record_size(10)
-    write_segment_header(seg, 0, used=used, seq=0, address=0)  # CRC covers the bad mark
-    good = build_segment(payloads(42, [8]), seq=1, address=len(seg))
-    got, reader = read_all(write(tmp_path / "f", seg + good), strict=False)
+    # The CRC covers the bad mark.
+    write_segment_header(seg, 0, used=used, seq=0, address=D, stream_id=STREAM, sealed_ns=0)
+    good = build_segment(payloads(42, [8]), seq=1, address=D + len(seg))
+    got, reader = read_all(write(tmp_path / "f", HEADER + seg + good), strict=False)
     assert got == [p for _, p in payloads(42, [8])]
     assert reader.damaged == [
-        Damage(0, len(seg), f"malformed record at record-area offset {bad_at}: bad mark 0x1234")
+        Damage(D, D + len(seg), f"malformed record at record-area offset {bad_at}: bad mark 0x1234")
     ]
 
 
 def test_resynchronises_after_several_blocks_of_garbage(tmp_path: Path, limits: str) -> None:
     garbage = bytearray(random.Random(50).randbytes(3 * BLOCK + 100))
-    seg = build_segment(payloads(51, [2000, 2000, 2000]), seq=0, address=len(garbage) + 3996)
-    data = garbage + bytes(3996) + seg
+    seg = build_segment(payloads(51, [2000, 2000, 2000]), seq=0, address=D + len(garbage) + 3996)
+    data = HEADER + garbage + bytes(3996) + seg
     got, reader = read_all(write(tmp_path / "f", data), strict=False)
     assert got == [p for _, p in payloads(51, [2000, 2000, 2000])]
-    assert reader.damaged == [Damage(0, 4 * BLOCK, "bad magic")]
+    assert reader.damaged == [Damage(D, D + 4 * BLOCK, "bad magic")]
 
 
 def test_misplaced_segment_is_not_read(tmp_path: Path) -> None:
     # A valid segment copied to the wrong offset fails its self-locating check.
-    seg = build_segment(payloads(52, [10]), seq=0, address=0)
-    got, reader = read_all(write(tmp_path / "f", seg + seg), strict=False)
+    seg = build_segment(payloads(52, [10]), seq=0, address=D)
+    got, reader = read_all(write(tmp_path / "f", HEADER + seg + seg), strict=False)
     assert got == [p for _, p in payloads(52, [10])]
-    assert reader.damaged == [Damage(BLOCK, 2 * BLOCK, "segment claims address 0")]
+    assert reader.damaged == [Damage(D + BLOCK, D + 2 * BLOCK, f"segment claims address {D}")]
 
 
 # -- hostile lengths -----------------------------------------------------------------
@@ -345,9 +364,9 @@ def test_misplaced_segment_is_not_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize("used", [2**32 - 1 - 64 - 7, 1 << 30, 8 * BLOCK])
 def test_huge_used_is_a_clean_damage_report(tmp_path: Path, used: int) -> None:
     # Valid header CRC, so only the "fits in the file" check stands in the way.
-    bad = craft_header(used=used, address=0, payload_crc=0) + b"\x01" * (BLOCK - 64)
-    good = build_segment(payloads(60, [10]), seq=1, address=BLOCK)
-    path = write(tmp_path / "f", bad + good)
+    bad = craft_header(used=used, address=D, payload_crc=0) + b"\x01" * (BLOCK - 64)
+    good = build_segment(payloads(60, [10]), seq=1, address=D + BLOCK)
+    path = write(tmp_path / "f", HEADER + bad + good)
     tracemalloc.start()
     try:
         got, reader = read_all(path, strict=False)
@@ -357,11 +376,11 @@ def test_huge_used_is_a_clean_damage_report(tmp_path: Path, used: int) -> None:
     assert peak < 1 << 20
     assert got == [p for _, p in payloads(60, [10])]
     (damage,) = reader.damaged
-    assert (damage.start, damage.end) == (0, BLOCK)
+    assert (damage.start, damage.end) == (D, D + BLOCK)
     assert "runs past the end of the file" in damage.reason
     with pytest.raises(CorruptFileError, match="runs past the end of the file") as info:
         read_all(path, strict=True)
-    assert info.value.offset == 0
+    assert info.value.offset == D
 
 
 # -- resource handling ---------------------------------------------------------------
@@ -400,12 +419,17 @@ def test_missing_file_raises_oserror(tmp_path: Path) -> None:
 # -- find_append_point ----------------------------------------------------------------
 
 
-def append_point(path: Path) -> tuple[int, int]:
+def find(path: Path) -> AppendPoint:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return find_append_point(fd)
+        return find_append_point(fd, STREAM)
     finally:
         os.close(fd)
+
+
+def append_point(path: Path) -> tuple[int, int]:
+    point = find(path)
+    return point.address, point.next_seq
 
 
 def three_segments() -> Layout:
@@ -415,7 +439,8 @@ def three_segments() -> Layout:
 
 
 def test_append_point_of_empty_file(tmp_path: Path) -> None:
-    assert append_point(write(tmp_path / "f", b"")) == (0, 0)
+    assert find(write(tmp_path / "f", b"")) == AppendPoint(D, 0, "none", D)
+    assert find(write(tmp_path / "f", HEADER)) == AppendPoint(D, 0, "none", D)
 
 
 def test_append_point_of_clean_file(tmp_path: Path, limits: str) -> None:
@@ -428,13 +453,22 @@ def test_append_point_skips_a_torn_last_segment(tmp_path: Path, limits: str) -> 
     end_of_1 = layout.starts[2]
     # Cut inside segment 1's body: segments 0 is the last complete one.
     cut_1 = layout.starts[1] + 64 + 5000
-    assert append_point(write(tmp_path / "f", layout.data[:cut_1])) == (layout.starts[1], 42)
-    # Payload CRC of the last segment broken.
-    data = bytearray(layout.data)
-    data[layout.starts[2] + 64 + 8] ^= 1
-    assert append_point(write(tmp_path / "f", data)) == (end_of_1, 43)
+    point = find(write(tmp_path / "f", layout.data[:cut_1]))
+    assert (point.address, point.next_seq, point.tail) == (layout.starts[1], 42, "torn")
     # Last segment's header cut short.
-    assert append_point(write(tmp_path / "f", layout.data[: end_of_1 + 30])) == (end_of_1, 43)
+    point = find(write(tmp_path / "f", layout.data[: end_of_1 + 30]))
+    assert (point.address, point.next_seq, point.tail) == (end_of_1, 43, "torn")
+
+
+def test_append_point_calls_bit_rot_in_the_last_segment_damage_not_a_torn_tail(
+    tmp_path: Path, limits: str
+) -> None:
+    layout = three_segments()
+    data = bytearray(layout.data)
+    data[layout.starts[2] + 64 + 8] ^= 1  # every byte is there, the payload CRC fails
+    point = find(write(tmp_path / "f", data))
+    assert (point.address, point.next_seq, point.tail) == (layout.starts[2], 43, "damage")
+    assert layout.starts[2] < point.nonzero_end <= layout.starts[2] + 64 + layout.useds[2]
 
 
 def test_append_point_accepts_a_last_segment_without_its_padding(tmp_path: Path) -> None:
@@ -447,12 +481,13 @@ def test_append_point_with_trailing_zeros(tmp_path: Path, limits: str) -> None:
     layout = three_segments()
     for tail in (1, BLOCK, 40 * BLOCK + 5):
         path = write(tmp_path / "f", layout.data + bytes(tail))
-        assert append_point(path) == (len(layout.data), 44)
+        assert find(path) == AppendPoint(len(layout.data), 44, "zero", len(layout.data))
 
 
 def test_append_point_without_any_valid_segment(tmp_path: Path, limits: str) -> None:
-    assert append_point(write(tmp_path / "f", random.Random(90).randbytes(5 * BLOCK))) == (0, 0)
-    assert append_point(write(tmp_path / "f", bytes(7 * BLOCK))) == (0, 0)
+    noise = HEADER + random.Random(90).randbytes(5 * BLOCK)
+    assert find(write(tmp_path / "f", noise)) == AppendPoint(D, 0, "damage", len(noise))
+    assert find(write(tmp_path / "f", HEADER + bytes(7 * BLOCK))) == AppendPoint(D, 0, "zero", D)
 
 
 def test_append_point_after_a_hole_is_past_the_last_valid_segment(tmp_path: Path) -> None:
@@ -465,9 +500,10 @@ def test_append_point_after_a_hole_is_past_the_last_valid_segment(tmp_path: Path
 
 def test_append_point_ignores_a_misplaced_segment(tmp_path: Path) -> None:
     layout = three_segments()
-    stale = build_segment(payloads(91, [5]), seq=99, address=0)
+    stale = build_segment(payloads(91, [5]), seq=99, address=D)
     path = write(tmp_path / "f", layout.data + stale)
     assert append_point(path) == (len(layout.data), 44)
+    assert find(path).tail == "damage"  # a whole segment in the wrong place: no torn write
 
 
 def test_append_point_does_not_move_the_file_position(tmp_path: Path) -> None:
@@ -475,7 +511,7 @@ def test_append_point_does_not_move_the_file_position(tmp_path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.lseek(fd, 123, os.SEEK_SET)
-        find_append_point(fd)
+        find_append_point(fd, STREAM)
         assert os.lseek(fd, 0, os.SEEK_CUR) == 123
     finally:
         os.close(fd)
@@ -492,7 +528,8 @@ def test_append_point_works_on_an_o_direct_fd(tmp_path: Path, limits: str) -> No
             pytest.skip("file system does not support O_DIRECT")
         raise
     try:
-        assert find_append_point(fd) == (layout.starts[2], 43)
+        point = find_append_point(fd, STREAM)
+        assert (point.address, point.next_seq, point.tail) == (layout.starts[2], 43, "torn")
     finally:
         os.close(fd)
 
@@ -505,7 +542,8 @@ def as_version_2(segment: bytearray) -> bytearray:
     zlib's CRC-32."""
     (used,) = struct.unpack_from("<I", segment, 12)
     struct.pack_into("<H", segment, 8, 2)
-    struct.pack_into("<I", segment, 32, zlib.crc32(segment[64 : 64 + used]))
+    # Version 2's layout: payload_crc at 32, then 24 reserved zero bytes.
+    segment[32:60] = struct.pack("<I", zlib.crc32(segment[64 : 64 + used])) + bytes(24)
     struct.pack_into("<I", segment, 60, zlib.crc32(segment[:60]))
     return segment
 
@@ -514,7 +552,7 @@ def as_version_2(segment: bytearray) -> bytearray:
 def test_a_version_2_file_is_refused_with_an_error_naming_both_versions(
     tmp_path: Path, strict: bool
 ) -> None:
-    layout = build_file([payloads(1, [10, 20]), payloads(2, [30])])
+    layout = build_file([payloads(1, [10, 20]), payloads(2, [30])], header=False)
     old = bytearray()
     for i, start in enumerate(layout.starts):
         end = layout.starts[i + 1] if i + 1 < len(layout.starts) else len(layout.data)
@@ -534,7 +572,121 @@ def test_a_version_2_file_is_refused_with_an_error_naming_both_versions(
 
 def test_a_version_field_damaged_to_2_is_damage_not_an_old_file(tmp_path: Path) -> None:
     layout = build_file([payloads(1, [10]), payloads(2, [30])])
-    struct.pack_into("<H", layout.data, 8, 2)  # version 2, but version 3's CRCs
+    struct.pack_into("<H", layout.data, D + 8, 2)  # version 2, but version 3's CRCs
     got, reader = read_all(write(tmp_path / "f", layout.data), strict=False)
     assert got == layout.data_of(1)
-    assert reader.damaged == [Damage(0, layout.starts[1], "unsupported format version 2")]
+    assert reader.damaged == [Damage(D, layout.starts[1], "unsupported format version 2")]
+
+
+# -- the file header ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_file_of_a_newer_version_is_refused_naming_both_versions(
+    tmp_path: Path, strict: bool
+) -> None:
+    data = build_file([payloads(1, [10])]).data
+    struct.pack_into("<H", data, 8, FORMAT_VERSION + 1)  # a later version may move the CRC
+    path = write(tmp_path / "new", data)
+    with (
+        read(path, strict=strict) as reader,
+        pytest.raises(shmflush.UnsupportedFormatError) as info,
+    ):
+        list(reader)
+    error = info.value
+    assert (error.version, error.offset) == (FORMAT_VERSION + 1, 0)
+    assert f"format version {FORMAT_VERSION + 1}" in str(error)
+    assert f"reads format version {FORMAT_VERSION} only" in str(error)
+    assert "newer shmflush" in str(error)
+
+
+def test_a_headerless_file_of_a_development_build_of_version_3_is_refused(
+    tmp_path: Path,
+) -> None:
+    # Version 3 before the file header: a segment at offset 0, CRC-32C, 24 zero
+    # bytes where stream_id and sealed_ns are now.
+    body = bytearray(16)
+    pack_record_header(body, 0, 8)
+    head = bytearray(b"SHMFLSEG" + struct.pack("<HHIQQI", 3, 64, 16, 0, 0, crc32c.crc32c(body)))
+    head += bytes(24)
+    head += struct.pack("<I", crc32c.crc32c(head))
+    path = write(tmp_path / "old", head + body + bytes(BLOCK - 80))
+    with pytest.raises(shmflush.UnsupportedFormatError, match="without a file header") as info:
+        read_all(path, strict=False)
+    assert info.value.headerless
+
+
+@pytest.mark.parametrize("byte", [0, 12, 16, 31, 32, 59, 60])
+def test_a_damaged_file_header_is_damage_and_a_tolerant_reader_still_reads_the_segments(
+    tmp_path: Path, byte: int
+) -> None:
+    layout = build_file([payloads(1, [10, 20]), payloads(2, [3000])])
+    layout.data[byte] ^= 0x40
+    path = write(tmp_path / "f", layout.data)
+    with pytest.raises(CorruptFileError) as info:
+        read_all(path, strict=True)
+    assert info.value.offset == 0
+    got, reader = read_all(path, strict=False)
+    assert got == layout.all_data()
+    assert [(d.start, d.end) for d in reader.damaged] == [(0, D)]
+
+
+def test_a_cut_file_header_is_damage(tmp_path: Path) -> None:
+    for cut in (1, 8, 63):
+        with pytest.raises(CorruptFileError, match="file header") as info:
+            read_all(write(tmp_path / "f", HEADER[:cut]), strict=True)
+        assert info.value.offset == 0
+
+
+def test_the_reserved_rest_of_the_file_header_block_is_ignored(tmp_path: Path) -> None:
+    layout = build_file([payloads(1, [10])])
+    layout.data[64:D] = b"\xee" * (D - 64)
+    assert read_all(write(tmp_path / "f", layout.data), strict=True)[0] == layout.all_data()
+
+
+def test_an_intact_segment_of_another_stream_is_damage_not_records(tmp_path: Path) -> None:
+    # A segment copied in from another file, at the right address, CRCs intact.
+    layout = build_file([payloads(1, [10]), payloads(2, [20]), payloads(3, [30])])
+    other = build_segment(payloads(9, [20]), seq=1, address=layout.starts[1], stream=bytes(16))
+    layout.data[layout.starts[1] : layout.starts[2]] = other
+    got, reader = read_all(write(tmp_path / "f", layout.data), strict=False)
+    assert got == layout.data_of(0) + layout.data_of(2)
+    assert reader.damaged == [
+        Damage(layout.starts[1], layout.starts[2], "segment of another stream")
+    ]
+
+
+def test_a_torn_tail_is_marked_torn_and_bit_rot_in_the_last_segment_is_not(
+    tmp_path: Path,
+) -> None:
+    layout = build_file([payloads(1, [10]), payloads(2, [6000, 3000])])
+    last = layout.starts[1]
+    # A write that lost its second block (reads as zeros): torn.
+    torn = bytearray(layout.data)
+    torn[last + BLOCK : last + 2 * BLOCK] = bytes(BLOCK)
+    _, reader = read_all(write(tmp_path / "f", torn), strict=False)
+    assert [(d.start, d.torn) for d in reader.damaged] == [(last, True)]
+    # Every block there, one bit flipped: bit rot, not a torn write.
+    rot = bytearray(layout.data)
+    rot[last + 64 + 5000] ^= 1
+    _, reader = read_all(write(tmp_path / "f", rot), strict=False)
+    assert [(d.start, d.torn) for d in reader.damaged] == [(last, False)]
+    # The same flip with a segment after it: damage in the middle, never torn.
+    middle = rot + build_segment(payloads(3, [5]), seq=9, address=len(rot))
+    _, reader = read_all(write(tmp_path / "f", middle), strict=False)
+    assert [(d.start, d.torn) for d in reader.damaged] == [(last, False)]
+
+
+def test_the_append_point_walk_never_looks_inside_a_valid_segment(tmp_path: Path) -> None:
+    # A payload holding a complete, valid header of this very stream at a block
+    # boundary, with its own matching payload CRC: a backward scan would take it.
+    layout = build_file([payloads(1, [10])])
+    forged_at = len(layout.data) + BLOCK
+    forged = build_segment([(KIND_DATA, b"fake")], seq=500, address=forged_at)
+    payload = bytes(BLOCK - 64 - 8) + bytes(forged) + b"\x01" * 100
+    real = build_segment([(KIND_DATA, payload)], seq=1, address=len(layout.data))
+    assert real[BLOCK : BLOCK + len(forged)] == forged  # at the boundary, inside the payload
+    path = write(tmp_path / "f", layout.data + real)
+    point = find(path)
+    assert (point.address, point.next_seq) == (len(layout.data) + len(real), 2)
+    assert read_all(path, strict=True)[0] == [*layout.all_data(), payload]

@@ -22,7 +22,7 @@ import pytest
 from bare import Bare, dead_claim, make_bare
 
 import shmflush
-from shmflush import _atomic, _format
+from shmflush import _api, _atomic, _format
 from shmflush import _layout as L
 from shmflush._recovery import Recovery
 
@@ -82,7 +82,16 @@ def test_recovery_of_the_largest_buffer_full_of_the_smallest_records_is_bounded(
     try:
         core = bare.core
         dead = _format.record_size(16)
-        rows = (core.capacity - dead) // _format.RECORD_HEADER_SIZE
+        # append_array claims batches of _BATCH_BYTES on a bare ring (no fence:
+        # one claim per batch), each starting with its array descriptor record.
+        assert core.header(L.H_FENCE) == L.FENCE_OFF
+        descriptor = _format.record_size(
+            len(_format.pack_array_descriptor(0, 0, repr(("|u1", (0,)))))
+        )
+        batch = _api._BATCH_BYTES
+        full, rest = divmod(core.capacity - dead, batch)
+        per_batch = (batch - descriptor) // _format.RECORD_HEADER_SIZE
+        rows = full * per_batch + (rest - descriptor) // _format.RECORD_HEADER_SIZE
         assert rows > 100_000_000
         assert bare.ring.append_array(np.zeros((rows, 0), np.uint8)) == rows
         lane_word = core.words[core.lane_w[0]]

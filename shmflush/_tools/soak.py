@@ -1115,7 +1115,7 @@ def _walk_records(core: Ring, i: int) -> str:
     p = 0
     while p + _format.RECORD_HEADER_SIZE <= core.capacity and len(out) < 400:
         length, kind, mark = _format.RECORD_HEADER.unpack_from(view, start + p)
-        if mark != _format.RECORD_MARK or kind not in (_format.KIND_DATA, _format.KIND_ABANDONED):
+        if mark != _format.RECORD_MARK or kind not in _format.RECORD_KINDS:
             rest = bytes(view[start + p : start + core.capacity])
             nonzero = [k for k, b in enumerate(rest) if b]
             tail = f"next nonzero at {p + nonzero[0]}" if nonzero else "zeros to the end"
