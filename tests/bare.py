@@ -34,10 +34,15 @@ class Bare:
         return list(shmflush.read(self.path))
 
 
-def make_bare(
-    name: str, path: Path, buffer_size: int = 8192, buffers: int = 4, lanes: int = 1
+def make_bare(  # noqa: PLR0917  (a geometry and where to put it)
+    name: str,
+    path: Path,
+    buffer_size: int = 8192,
+    buffers: int = 4,
+    lanes: int = 1,
+    max_writers: int = 16,
 ) -> Bare:
-    g = L.Geometry(buffer_size, buffers, lanes, 16)
+    g = L.Geometry(buffer_size, buffers, lanes, max_writers)
     mm = L.create_segment(name, g.total_size, 0o600, exist_ok=False)
     view = memoryview(mm)
     # A file as create() starts it: the file header, then segments from DATA_START.

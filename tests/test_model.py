@@ -42,14 +42,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from bare import make_bare
 from protocol_model import CHUNK_MUTANTS, MUTANTS, Config, InvariantError, Result, explore
 
 import shmflush
 from shmflush import _atomic, _proc
 from shmflush import _layout as L
-from shmflush._api import Ring
-from shmflush._flusher import Flusher
-from shmflush._ring import Ring as Core
 from shmflush._ring import Writer
 
 REJECT_WEDGE = (
@@ -416,28 +414,9 @@ def test_real_reject_does_not_seal_the_next_fill(ring_name: str, tmp_path: Path)
     and closes it; this test drives the protocol without it.)
     """
     path = tmp_path / "wedge.log"
-    g = L.Geometry(4096, 2, 1, 4)
-    mm = L.create_segment(ring_name, g.total_size, 0o600, exist_ok=False)
-    view = memoryview(mm)
-    me = os.getpid()
-    L.init_header(
-        view,
-        g,
-        sync=0,
-        flush_interval_ns=10**9,
-        owner=me,
-        owner_start=_proc.start_time(me),
-        next_address=0,
-        next_seq=0,
-    )
-    view.release()
-    core = Core(ring_name, mm, g)
-    core.create_semaphores(0o600)
-    core.set_header(L.H_FLUSHER_PID, me)  # "the flusher" is this process
-    core.set_header(L.H_FLUSHER_START, _proc.start_time(me))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    ring = Ring(core)
-    flusher = Flusher(core, fd)
+    bare = make_bare(ring_name, path, buffer_size=4096, buffers=2, lanes=1, max_writers=4)
+    core, ring, flusher, fd = bare.core, bare.ring, bare.flusher, bare.fd
+    core.set_header(L.H_FLUSHER_START, _proc.start_time(os.getpid()))
     a: Writer | None = None
     try:
         cap = core.capacity
