@@ -43,6 +43,7 @@ from ._ring import restore_signal_mask as _restore_signal_mask
 __all__ = ["DamagedTailWarning", "DirectIOWarning", "Ring", "Stats", "attach", "create"]
 
 _HDR: Final = _format.RECORD_HEADER_SIZE
+_NUMBERS: Final = (int, float)  # exact types: bool is refused by _check_timeout
 _KIND_DATA: Final = _format.KIND_DATA
 _MARK: Final = _format.RECORD_MARK
 _KIND_ABANDONED: Final = _format.KIND_ABANDONED
@@ -428,8 +429,10 @@ class Ring:
         else:
             data = _as_bytes(data)
             n = data.nbytes
-        if timeout is not None:
-            _check_timeout(timeout)  # even where this call will not block
+        # Checked even where this call will not block; a plain number passes
+        # without a call (LogHandler passes one on every record).
+        if timeout is not None and not (type(timeout) in _NUMBERS and timeout >= 0):
+            _check_timeout(timeout)
         size = _HDR + ((n + 7) & -8)
         try:
             slot: Writer = self._tls.slot
