@@ -19,6 +19,7 @@ from ._errors import (
     ShmflushError,
     UnsupportedFormatError,
 )
+from ._logging import LogHandler
 from ._reader import Damage, Reader, read, read_array
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Damage",
     "DirectIOWarning",
     "ForeignFileError",
+    "LogHandler",
     "Reader",
     "RecordTooLargeError",
     "Ring",
