@@ -80,10 +80,8 @@ if _orjson is not None:
         return data
 
     ENCODE: Callable[[Any], bytes] = encode_orjson
-    ENCODER_NAME = "orjson"
 else:  # pragma: no cover - depends on the environment
     ENCODE = encode_stdlib
-    ENCODER_NAME = "json"
 
 
 def jsonable(value: Any, depth: int = 0) -> Any:  # noqa: PLR0911  (one return per kind)
