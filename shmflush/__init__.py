@@ -19,6 +19,7 @@ from ._errors import (
     ShmflushError,
     UnsupportedFormatError,
 )
+from ._logging import LogHandler
 from ._reader import Damage, Reader, read, read_array
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "DamagedTailWarning",
     "DirectIOWarning",
     "ForeignFileError",
+    "LogHandler",
     "Reader",
     "RecordTooLargeError",
     "Ring",

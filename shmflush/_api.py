@@ -89,6 +89,9 @@ class Stats:
     stalled: int
     recovered: int  #: stuck fills the flusher recovered from dead writers
     flusher_restarts: int  #: times a flusher was restarted after dying
+    #: records a shmflush.LogHandler (or the structlog renderer) appending through
+    #: this ring object dropped because the ring was full (this process)
+    dropped: int
 
 
 _live_rings: weakref.WeakSet[Ring] = weakref.WeakSet()
@@ -140,6 +143,8 @@ class Ring:
         # churn).  Single dict operations are atomic, so no lock is needed.
         self._slots: dict[int, weakref.ref[Writer]] = {}
         self._records = 0
+        # Records the logging integration dropped on a full ring (_logging.Sink).
+        self._dropped = 0
         self._bytes = 0
         self.name = core.name
         self._ring_id = core.header(L.H_RING_ID)
@@ -162,7 +167,7 @@ class Ring:
         self._slots = {}
         self._closer = {}
         self._supervisor.forked()
-        self._records = self._bytes = 0
+        self._records = self._bytes = self._dropped = 0
         if self._core is not None:
             self._core.waits = self._core.abandoned = 0
 
@@ -782,6 +787,7 @@ class Ring:
             stalled=core.header(L.H_STALL_ERRNO),
             recovered=core.header(L.H_RECOVERED),
             flusher_restarts=core.header(L.H_RESTARTS),
+            dropped=self._dropped,
         )
 
     @property

@@ -16,6 +16,7 @@ PUBLIC = {
     "DamagedTailWarning",
     "DirectIOWarning",
     "ForeignFileError",
+    "LogHandler",
     "Reader",
     "RecordTooLargeError",
     "Ring",
@@ -61,9 +62,23 @@ def test_every_exported_name_exists_and_is_documented(name: str) -> None:
     assert not doc.startswith(f"{name}(")
 
 
+# Public submodules of optional extras: not imported by the package, so not in
+# __all__, but an attribute of it once a user (or a test) imports them.
+EXTRA_MODULES = {"structlog"}
+
+
 def test_no_public_attribute_outside_all() -> None:
     public = {name for name in vars(shmflush) if not name.startswith("_")}
-    assert public - set(shmflush.__all__) == set()
+    assert public - set(shmflush.__all__) - EXTRA_MODULES == set()
+
+
+def test_extra_modules_are_not_imported_by_the_package() -> None:
+    # shmflush.structlog needs structlog: importing shmflush must not need it.
+    code = "import shmflush, sys; assert 'shmflush.structlog' not in sys.modules"
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_version_matches_pyproject() -> None:

@@ -82,7 +82,8 @@ _UNITS: Final = {"": 1, "K": _KIB, "M": _MIB, "G": 1 << 30}
 
 
 def workload(kind: str, size: int) -> Workload:
-    """The records of *kind* ("binary" or "text") and *size* bytes."""
+    """The records of *kind* ("binary" or "text"; "json": LogHandler records, whose
+    messages are "text" lines) and *size* bytes."""
     return Workload(size=size, text=kind == "text")
 
 
@@ -123,6 +124,22 @@ METHODS: Final = (
     Method("faster_fifo", "peer", "binary", "faster_fifo.Queue -> one writer process, fsync"),
     Method("o_append", "peer", "binary", "os.write on an O_APPEND fd per process, fsync at end"),
     Method("logging", "peer", "text", "logging QueueHandler -> QueueListener + FileHandler"),
+    # The logging goal's row and its second peer (issue 9): run them by name,
+    # --methods loghandler,logging,filehandler.
+    Method(
+        "loghandler",
+        "shmflush",
+        "json",
+        "shmflush.LogHandler: logging calls appending JSON records",
+        grouped=False,
+    ),
+    Method(
+        "filehandler",
+        "peer",
+        "text",
+        "logging FileHandler per process on one shared file (O_APPEND), fsync at end",
+        grouped=False,
+    ),
 )
 _BY_NAME: Final = {m.name: m for m in METHODS}
 #: The methods of the groups all, shmflush and peers.
@@ -174,16 +191,21 @@ def _shmflush_writer(
     # Under spawn *ring* arrived pickled by name and attached on unpickling; under
     # fork it is the owner's object, and closing it here closes only this mapping.
     with ring:
-        records = Workload(size=size).records(writer_id, count)
+        records = [] if method == "loghandler" else Workload(size=size).records(writer_id, count)
         batches = [records[i : i + batch] for i in range(0, count, batch)]
         arrays: list[Any] = []
         if method == "append_array":
             np = importlib.import_module("numpy")
             table = np.frombuffer(b"".join(records), dtype=np.uint8).reshape(count, size)
             arrays = [table[i : i + batch] for i in range(0, count, batch)]
-        ready.release()
-        _wait_for_start(start)
-        if method in ("append", "append_fallback"):
+        if method == "loghandler":
+            _log_through_ring(ring, writer_id, count, size, ready=ready, start=start)
+        else:
+            ready.release()
+            _wait_for_start(start)
+        if method == "loghandler":
+            pass  # logged above
+        elif method in ("append", "append_fallback"):
             append = ring.append
             for record in records:
                 append(record)
@@ -214,6 +236,28 @@ def _shmflush_writer(
     done.release()
 
 
+def _log_through_ring(
+    ring: shmflush.Ring, writer_id: int, count: int, size: int, *, ready: Semaphore, start: Event
+) -> None:
+    """The loghandler method's timed part: one logging call per line, through a
+    shmflush.LogHandler on *ring* (every record is in shared memory when it returns)."""
+    lines = Workload(size=size, text=True).lines(writer_id, count)
+    logger = logging.getLogger(f"shmflush.bench.{writer_id}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = shmflush.LogHandler(ring)
+    logger.addHandler(handler)
+    ready.release()
+    _wait_for_start(start)
+    info = logger.info
+    for line in lines:
+        info(line)
+    logger.removeHandler(handler)
+    dropped = ring.stats().dropped
+    if dropped:
+        raise RuntimeError(f"LogHandler dropped {dropped} records")
+
+
 def _o_append_writer(
     *,
     path: str,
@@ -236,6 +280,35 @@ def _o_append_writer(
                 raise OSError(f"short write of a {size}-byte record")
     finally:
         os.close(fd)
+    done.release()
+
+
+def _file_handler_producer(
+    *,
+    path: str,
+    writer_id: int,
+    count: int,
+    size: int,
+    ready: Semaphore,
+    start: Event,
+    done: Semaphore,
+) -> None:
+    # What many services do without a listener: every process opens the same file
+    # with its own FileHandler (mode "a": O_APPEND, one write(2) per record, since
+    # StreamHandler flushes after each).
+    lines = Workload(size=size, text=True).lines(writer_id, count)
+    logger = logging.getLogger(f"shmflush.bench.{writer_id}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(path, mode="a", encoding="ascii")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    ready.release()
+    _wait_for_start(start)
+    info = logger.info
+    for line in lines:
+        info(line)
+    handler.close()
     done.release()
 
 
@@ -577,7 +650,10 @@ def _close_quietly(ring: shmflush.Ring) -> None:
 
 
 def _time_o_append(job: _Job, setup: _Setup) -> tuple[float, dict[str, Any]]:
+    """o_append and filehandler: every process appends to one O_APPEND file; one
+    fsync(2) at the end makes it durable."""
     path, writers = job.path, job.writers
+    target = _file_handler_producer if job.method.name == "filehandler" else _o_append_writer
     session = _Session(setup.ctx, time.monotonic() + setup.timeout)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
@@ -585,7 +661,7 @@ def _time_o_append(job: _Job, setup: _Setup) -> tuple[float, dict[str, Any]]:
             for w in range(writers):
                 session.spawn(
                     f"writer {w}",
-                    _o_append_writer,
+                    target,
                     path=path,
                     writer_id=w,
                     count=job.count,
@@ -689,7 +765,7 @@ def _run_once(job: _Job, setup: _Setup) -> dict[str, Any]:
     try:
         if method.family == "shmflush":
             elapsed, extra = _time_shmflush(job, setup)
-        elif method.name == "o_append":
+        elif method.name in ("o_append", "filehandler"):
             elapsed, extra = _time_o_append(job, setup)
         elif method.name == "logging":
             elapsed, extra = _time_logging(job, setup)
@@ -753,10 +829,14 @@ def verify_file(path: str, *, family: str, kind: str, writers: int, count: int, 
     The tools' checker does it: a shmflush file through shmflush.read, a peer's
     file cut into *size*-byte records.
     """
-    records = workload(kind, size)
+    records = workload("text" if kind == "json" else kind, size)
     expected = Expected.every(writers, count)
     problems: list[str] = []
-    if family == "shmflush":
+    if kind == "json":
+        # LogHandler records: each message is a log line of the text workload.
+        lines = ((json.loads(p)["message"] + "\n").encode() for p in shmflush.read(path))
+        verdict = check_records(lines, records, expected)
+    elif family == "shmflush":
         verdict = check_file(path, records, expected)
     else:
         actual = os.path.getsize(path)
