@@ -677,13 +677,14 @@ class Ring:
         Appending to the same ring from inside the block raises
         :class:`ShmflushError`.
         """
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise TypeError(f"reserve() size must be an int, not {type(n).__name__}")
-        if n < 0:
-            raise ValueError(f"reserve() size must be >= 0, got {n}")
-        if n > self._max_record:
-            raise self._too_large(n)
-        if timeout is not None:
+        if type(n) is not int or not 0 <= n <= self._max_record:
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise TypeError(f"reserve() size must be an int, not {type(n).__name__}")
+            if n < 0:
+                raise ValueError(f"reserve() size must be >= 0, got {n}")
+            if n > self._max_record:
+                raise self._too_large(n)
+        if timeout is not None and not (type(timeout) in _NUMBERS and timeout >= 0):
             _check_timeout(timeout)
         return _Reservation(self, n, timeout)
 
@@ -803,25 +804,23 @@ class _Reservation:
     __slots__ = ("_at", "_claimed", "_frame", "_n", "_ring", "_size", "_slot", "_timeout")
 
     def __init__(self, ring: Ring, n: int, timeout: float | None) -> None:
+        # The rest (_at, _claimed, _frame, _size) is set by __enter__.
         self._ring = ring
         self._n = n
         self._timeout = timeout
         self._slot: Writer | None = None
-        self._frame: Any = None
-        self._at = 0
-        self._claimed = False
-        self._size = _HDR + ((n + 7) & -8)
 
     def __enter__(self) -> memoryview:
         ring = self._ring
         tls = ring._tls
         slot: Writer | None = getattr(tls, "slot", None)
-        # A chunk with room (limit is 0 without one, and while anything is
-        # unsettled) and no block open: straight in.  Else the general checks
-        # (an open block, leftovers to settle, a new slot).
-        if slot is None or not slot.limit or getattr(tls, "reservation", None) is not None:
+        # A chunk with room: straight in.  Else the general checks (an open
+        # block, leftovers to settle, a new slot): limit is 0 without a chunk,
+        # while anything is unsettled, and while a block is open (open_range).
+        if slot is None or not slot.limit:
             slot = ring._slot()
-        size = self._size
+        self._size = size = _HDR + ((self._n + 7) & -8)
+        self._claimed = False
         try:
             # Inside an append at the chunk's position until __exit__ (AT_BUSY).
             at = slot.open_range(size)
