@@ -45,6 +45,8 @@ from ._format import (
     RECORD_MARK,
     SEGMENT_HEADER_SIZE,
     SegmentHeader,
+    crc,
+    parse_segment_header,
     record_size,
     segment_size,
     skip_padding,
@@ -218,6 +220,23 @@ class _Scan(Reader):
         self._buf_start = 0
         self._nonzero_end_cache = -1
 
+    #: Leave the record walk of small segments to the caller (``cat``'s fast
+    #: path walks each record once, checking as it goes).
+    defer_walk = False
+
+    def _check_segment(self, p: int) -> SegmentHeader | str:
+        if not self.defer_walk:
+            return super()._check_segment(p)
+        left = self._size - p
+        header = parse_segment_header(self._get(p, min(SEGMENT_HEADER_SIZE, left)), p, self._stream)
+        if isinstance(header, str) or SEGMENT_HEADER_SIZE + header.used > _WHOLE_SEGMENT_LIMIT:
+            return header if isinstance(header, str) else super()._check_segment(p)
+        if SEGMENT_HEADER_SIZE + header.used > left:
+            return "segment record area runs past the end of the file"
+        if crc(self._get(p + SEGMENT_HEADER_SIZE, header.used)) != header.payload_crc:
+            return "payload CRC mismatch"
+        return header
+
     def check(self, p: int) -> SegmentHeader | str:
         if p >= self._size:
             return "end of file"
@@ -277,7 +296,7 @@ class Follower:
         path: str | os.PathLike[str],
         cursor: str | None = None,
         *,
-        start: str | int | _dt.datetime = "beginning",
+        start: str | int | _dt.datetime | Position = "beginning",
         cursor_dir: str | None = None,
         wait: bool = True,
         strict: bool = True,
@@ -382,53 +401,56 @@ class Follower:
             delay = min(delay * 2, self.poll_max)
 
     def _records(self) -> Generator[Record, None, None]:
+        for segment, header, skip, scan in self._batches():
+            seq, sealed_ns = header.seq, header.sealed_ns
+            first = segment + SEGMENT_HEADER_SIZE
+            for pos, kind, payload in scan.spans(segment, header.used):
+                if kind != KIND_DATA or pos < skip:
+                    continue
+                self._at = (segment, pos + record_size(len(payload)))
+                yield Record(bytes(payload), first + pos, segment, seq, sealed_ns)
+
+    def _batches(self, defer_walk: bool = False) -> Iterator[tuple[int, SegmentHeader, int, _Scan]]:
+        """``(segment, header, skip, scan)`` for each valid segment to read
+        from the start position on: its records at record-area offsets below
+        ``skip`` were delivered before.  The position moves past the segment
+        when the caller asks for the next one (so ``cat`` can print a whole
+        segment's records at once)."""
         scan = self._open()
         if scan is None:
             return
         self._scan = scan
         try:
-            yield from self._walk(scan)
-        finally:
-            scan.close()
-
-    def _walk(self, scan: _Scan) -> Iterator[Record]:
-        stream = self.stream_id = scan._stream
-        p, skip, since_ns = DATA_START, 0, -1
-        resumed = None if self.cursor_file is None else load_cursor(self.cursor_file)
-        if resumed is not None:
-            if stream is not None and resumed.stream_id != stream:
-                raise CursorError(
-                    self.cursor_file or "",
-                    f"belongs to stream {resumed.stream_id.hex()}, but {self.path} is stream "
-                    f"{stream.hex()} (another file, or the file was replaced): delete the "
-                    "cursor or use another name to read this file from a start position",
-                )
-            p, skip = resumed.segment, resumed.record
-            self._committed = resumed
-        elif isinstance(self._start, _dt.datetime):
-            since_ns = _time_ns(self._start)
-        elif self._start == "end" or isinstance(self._start, int):
-            p, skip = self._locate(scan, self._start)
-        self._at = (p, skip)
-        for segment, header in self._segments(scan, p):
-            self.stream_id = scan._stream
-            if header.sealed_ns < since_ns:
+            stream = self.stream_id = scan._stream
+            p, skip, since_ns = DATA_START, 0, -1
+            resumed = None if self.cursor_file is None else load_cursor(self.cursor_file)
+            if resumed is None and isinstance(self._start, Position):
+                resumed = self._start
+            if resumed is not None:
+                if stream is not None and resumed.stream_id != stream:
+                    raise CursorError(
+                        self.cursor_file or "(start position)",
+                        f"belongs to stream {resumed.stream_id.hex()}, but {self.path} is "
+                        f"stream {stream.hex()} (another file, or the file was replaced): "
+                        "delete the cursor or use another name to read this file from a "
+                        "start position",
+                    )
+                p, skip = resumed.segment, resumed.record
+                self._committed = resumed
+            elif isinstance(self._start, _dt.datetime):
+                since_ns = _time_ns(self._start)
+            elif self._start == "end" or isinstance(self._start, int):
+                p, skip = self._locate(scan, self._start)
+            self._at = (p, skip)
+            scan.defer_walk = defer_walk
+            for segment, header in self._segments(scan, p):
+                self.stream_id = scan._stream
+                if header.sealed_ns >= since_ns:
+                    yield segment, header, skip, scan
                 skip = 0
                 self._at = (segment + segment_size(header.used), 0)
-                continue
-            for pos, kind, payload in scan.spans(segment, header.used):
-                if kind != KIND_DATA or pos < skip:
-                    continue
-                self._at = (segment, pos + record_size(len(payload)))
-                yield Record(
-                    bytes(payload),
-                    segment + SEGMENT_HEADER_SIZE + pos,
-                    segment,
-                    header.seq,
-                    header.sealed_ns,
-                )
-            skip = 0
-            self._at = (segment + segment_size(header.used), 0)
+        finally:
+            scan.close()
 
     def _locate(self, scan: _Scan, start: str | int) -> tuple[int, int]:
         """The position of ``"end"`` (the end so far) or of the last ``-start``
@@ -521,8 +543,10 @@ class Follower:
         return p
 
 
-def _check_start(start: object) -> str | int | _dt.datetime:
-    if start in ("beginning", "end") or isinstance(start, _dt.datetime):
+def _check_start(start: object) -> str | int | _dt.datetime | Position:
+    if start in {"beginning", "end"}:
+        return str(start)
+    if isinstance(start, (_dt.datetime, Position)):
         return start
     if isinstance(start, int) and not isinstance(start, bool) and start < 0:
         return start
@@ -542,7 +566,7 @@ def follow(
     path: str | os.PathLike[str],
     cursor: str | None = None,
     *,
-    start: str | int | _dt.datetime = "beginning",
+    start: str | int | _dt.datetime | Position = "beginning",
     cursor_dir: str | None = None,
     wait: bool = True,
     strict: bool = True,
@@ -571,7 +595,8 @@ def follow(
     ``start``: ``"beginning"`` (default), ``"end"`` (only records written
     after the end so far), ``-N`` (the last N records, then on) or a
     :class:`datetime.datetime` (records of segments sealed at or after it;
-    naive means local time).  With a ``cursor`` whose file exists, the follower
+    naive means local time), or a :class:`Position` (a follower's
+    ``position``: resume after it).  With a ``cursor`` whose file exists, the follower
     resumes after the last committed record and ``start`` is ignored.
 
     ``cursor`` names a durable cursor, stored in ``<path>.cursors/<name>`` (or
