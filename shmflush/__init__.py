@@ -9,6 +9,7 @@ from ._api import DamagedTailWarning, DirectIOWarning, Ring, Stats, attach, crea
 from ._errors import (
     CorruptFileError,
     CorruptRingError,
+    CursorError,
     ForeignFileError,
     RecordTooLargeError,
     RingBrokenError,
@@ -19,18 +20,22 @@ from ._errors import (
     ShmflushError,
     UnsupportedFormatError,
 )
+from ._follow import Follower, Record, follow
 from ._logging import LogHandler
 from ._reader import Damage, Reader, read, read_array
 
 __all__ = [
     "CorruptFileError",
     "CorruptRingError",
+    "CursorError",
     "Damage",
     "DamagedTailWarning",
     "DirectIOWarning",
+    "Follower",
     "ForeignFileError",
     "LogHandler",
     "Reader",
+    "Record",
     "RecordTooLargeError",
     "Ring",
     "RingBrokenError",
@@ -43,6 +48,7 @@ __all__ = [
     "UnsupportedFormatError",
     "attach",
     "create",
+    "follow",
     "read",
     "read_array",
 ]

@@ -157,3 +157,22 @@ class UnsupportedFormatError(CorruptFileError):
 
     def __reduce__(self) -> tuple[type, tuple[str, int, int, bool]]:  # type: ignore[override]
         return type(self), (self.path, self.offset, self.version, self.headerless)
+
+
+class CursorError(ShmflushError, ValueError):
+    """A :func:`shmflush.follow` cursor that cannot be used for this file.
+
+    Raised when a named cursor belongs to another stream (its stream id is not
+    the file's: the file was replaced, or the cursor name is reused for another
+    log), or when the cursor file is unreadable or names a position that no
+    record of this file can have.  The cursor file is left as it was; delete it
+    (or pick another name) to start afresh.  ``path`` is the cursor file.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        ShmflushError.__init__(self, f"cursor {path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.reason)

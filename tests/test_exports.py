@@ -12,12 +12,15 @@ import shmflush
 PUBLIC = {
     "CorruptFileError",
     "CorruptRingError",
+    "CursorError",
     "Damage",
     "DamagedTailWarning",
     "DirectIOWarning",
+    "Follower",
     "ForeignFileError",
     "LogHandler",
     "Reader",
+    "Record",
     "RecordTooLargeError",
     "Ring",
     "RingBrokenError",
@@ -30,6 +33,7 @@ PUBLIC = {
     "UnsupportedFormatError",
     "attach",
     "create",
+    "follow",
     "read",
     "read_array",
 }
@@ -37,6 +41,7 @@ PUBLIC = {
 ERRORS = {
     "CorruptFileError",
     "CorruptRingError",
+    "CursorError",
     "ForeignFileError",
     "RecordTooLargeError",
     "RingBrokenError",
