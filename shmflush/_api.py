@@ -22,7 +22,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final
 
-from . import _faults, _fence, _format, _proc, _supervisor
+from . import _faults, _fence, _files, _format, _proc, _supervisor
 from . import _layout as L
 from ._errors import (
     CorruptFileError,
@@ -1158,6 +1158,13 @@ def create(
     exist_ok: bool = False,
     max_writers: int = 1024,
     recovery_timeout: float = 0.5,
+    segment_bytes: int | None = None,
+    segment_age: float | None = None,
+    retain_age: float | None = None,
+    retain_bytes: int | None = None,
+    retain_files: int | None = None,
+    retention_wins: bool = False,
+    on_segment_closed: list[str] | None = None,
 ) -> Ring:
     """Create ring *name* appending to the file at *path*, and start its flusher.
 
@@ -1185,6 +1192,17 @@ def create(
       between claiming and committing before the flusher turns the dead claim
       into an abandoned record.  A live writer's claim is never taken, however
       slow (or stopped) it is.
+    * Rotation and retention (docs/rotation.md): the flusher rolls to a new
+      file ``<path>.000001``, ``<path>.000002``, ... when the active one reaches
+      *segment_bytes* (a multiple of 4096) or, with *segment_age* seconds, at
+      each multiple of it on the wall clock (3600: on the hour).  After a roll
+      it deletes the oldest closed files while there are more than
+      *retain_files*, more than *retain_bytes* in all, or they were closed more
+      than *retain_age* seconds ago, but never one a named cursor still needs,
+      unless *retention_wins* (then with a warning on its stderr).
+      *on_segment_closed* is an argv run (in the background, by the flusher)
+      with each closed file's path appended; its failure never stops the ring.
+      The settings are kept beside the file, in ``<path>.rotation``.
 
     Raises :class:`RingExistsError`, :class:`ValueError`/:class:`TypeError` for bad
     arguments, :class:`OSError` if the file cannot be opened,
@@ -1217,6 +1235,15 @@ def create(
         )
     if not isinstance(sync, str) or sync not in L.SYNC_LEVELS:
         raise ValueError(f"sync must be one of {sorted(L.SYNC_LEVELS)}, got {sync!r}")
+    rotation = _files.check_settings(
+        segment_bytes=segment_bytes,
+        segment_age=segment_age,
+        retain_age=retain_age,
+        retain_bytes=retain_bytes,
+        retain_files=retain_files,
+        retention_wins=retention_wins,
+        on_segment_closed=on_segment_closed,
+    )
     if not isinstance(mode, int) or not 0 <= mode <= 0o777:
         raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
     encoded = os.fsencode(os.path.abspath(path))
@@ -1230,7 +1257,9 @@ def create(
 
     # O_NONBLOCK: a path swapped for a FIFO or a device after the stat must not
     # block the open either; it is cleared once fstat says the file is regular.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
+    # The stream's active file: the highest-numbered one once it has rotated.
+    active_no, active = _files.active_file(path)
+    fd = os.open(active, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, 0o666)
     core: _Core | None = None
     ring: Ring | None = None
     created = False
@@ -1245,7 +1274,13 @@ def create(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ShmflushError(f"{path} is in use by another shmflush ring") from None
-        address, next_seq, stream_id = _open_stream(fd, path)
+        # A running ring may have rolled (and let go of the file we locked) meanwhile.
+        _check_still_active(path, active_no)
+        address, next_seq, stream_id = _open_stream(fd, active)
+        # Addresses run on across the files of a stream (see _files).
+        file_header = _files.read_header(fd)
+        address += file_header.base if file_header is not None else 0
+        _files.store_settings(path, rotation)
         mm = L.create_segment(name, geometry.total_size, mode, exist_ok=False)
         created = True
         view = memoryview(mm)
@@ -1305,6 +1340,11 @@ _FILE_KINDS: Final = (
     (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISSOCK, "a socket"),
 )
+
+
+def _check_still_active(path: str, number: int) -> None:
+    if _files.active_file(path)[0] != number:
+        raise ShmflushError(f"{path} is in use by another shmflush ring")
 
 
 def _check_regular(mode: int, path: str) -> None:

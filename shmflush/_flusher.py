@@ -42,11 +42,12 @@ import fcntl
 import mmap
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import _faults, _format, _proc
+from . import _faults, _files, _format, _proc
 from . import _layout as L
 from ._errors import ShmflushError
 from ._recovery import Recovery
@@ -87,6 +88,10 @@ class Flusher:
         self.gaps = _Gaps(self)
         self.next_sweep = 0.0
         self.next_file_check = 0.0
+        self.files = _files.FileTable(L.read_path(ring.view).decode(errors="surrogateescape"), fd)
+        self.settings = _files.load_settings(self.files.path)
+        self.hooks: list[subprocess.Popen[bytes]] = []
+        self.roll_refused_until = 0.0
 
     # -- file ----------------------------------------------------------------
 
@@ -126,6 +131,7 @@ class Flusher:
         ):
             raise ValueError(f"buffer {i}: address {address} was never handed out")
         start = ring.buffer_at[i]
+        fd, offset = self.files.locate(address)  # which file of the stream, where
         # sealed_ns is stamped here, when the fill is taken for writing: after its
         # seal and its last record, within one flush latency of the seal (see
         # docs/format.md section 2).  A retried write restamps it.
@@ -134,23 +140,24 @@ class Flusher:
             start,
             used=used,
             seq=words[ring.seq_w[i]],
-            address=address,
+            address=offset,
             stream_id=L.read_stream_id(ring.view),
             sealed_ns=time.time_ns(),
         )
         size = _format.segment_size(used)
+        address = offset
         chunk = ring.view[start : start + size]
         try:
             done = 0
             while done < size:
                 try:
-                    n = os.pwrite(self.fd, chunk[done:], address + done)
+                    n = os.pwrite(fd, chunk[done:], address + done)
                 except OSError as exc:
                     # Some file systems accept O_DIRECT at fcntl time and refuse it
                     # at write time; fall back once, then retry the same bytes.
                     if exc.errno == E.EINVAL and self.direct:
-                        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-                        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
                         self.set_direct(False)
                         print(
                             f"shmflush: O_DIRECT refused on write ({exc.strerror}); "
@@ -231,7 +238,7 @@ class Flusher:
                 _faults.reached("flush.written")
             if written and self.sync_data:
                 syncing = True
-                os.fdatasync(self.fd)
+                self.files.sync()
                 if _faults.ENABLED:
                     _faults.reached("flush.synced")
                 ring.set_header(L.H_SYNCS, ring.header(L.H_SYNCS) + 1)
@@ -315,7 +322,7 @@ class Flusher:
         """
         if not self.can_preallocate:
             return
-        end = self.ring.header(L.H_NEXT_ADDRESS)
+        end = self.ring.header(L.H_NEXT_ADDRESS) - self.files.active.base
         if end <= self.allocated:
             return
         if now >= self.preallocate_whole_after:
@@ -366,7 +373,7 @@ class Flusher:
         if st.st_nlink == 0:
             ring.set_header(L.H_ERROR_KIND, L.ERROR_FILE_DELETED)
         else:
-            written = self.gaps.written_end()
+            written = self.gaps.written_end() - self.files.active.base
             if st.st_size >= written:
                 return
             ring.set_header(L.H_ERROR_SIZE, st.st_size)
@@ -380,7 +387,7 @@ class Flusher:
 
     def trim(self) -> None:
         """Cut the preallocated zero tail (clean close)."""
-        end = self.ring.header(L.H_NEXT_ADDRESS)
+        end = self.ring.header(L.H_NEXT_ADDRESS) - self.files.active.base
         with contextlib.suppress(OSError):
             if os.fstat(self.fd).st_size > end:
                 os.ftruncate(self.fd, end)
@@ -424,6 +431,137 @@ class Flusher:
         return not self.pending and all(
             ring.state(i) & L.IDLE for i in range(ring.geometry.buffers)
         )
+
+    # -- rotation (docs/rotation.md) -----------------------------------------------
+
+    def maybe_roll(self, now: float) -> None:
+        """Finish closed files whose addresses are all written, then roll to a
+        new file if the active one is due (by size or by wall-clock age).
+
+        Called from the main loop, between batches, on the thread that takes
+        fills: every fill taken so far got its address before the roll reads
+        ``H_NEXT_ADDRESS``, so none of them can belong to the new file."""
+        if len(self.files.files) > 1:
+            self.finish_closed()
+        settings = self.settings
+        ring = self.ring
+        if not settings.rolls or ring.status() & (L.STATUS_CLOSING | L.STATUS_BROKEN):
+            return
+        if now < self.roll_refused_until:
+            return
+        active = self.files.active
+        end = ring.header(L.H_NEXT_ADDRESS) - active.base
+        if end <= _format.DATA_START:
+            return  # nothing in it yet: an empty file is never closed
+        due = settings.segment_bytes is not None and end >= settings.segment_bytes
+        if settings.segment_age is not None and not due:
+            age = settings.segment_age
+            due = time.time() // age != active.created_ns / 1e9 // age
+        if due:
+            self.roll(now)
+
+    def roll(self, now: float) -> None:
+        """Start file ``active + 1``: header (with the new base) durable, and
+        its name, before any address maps to it."""
+        ring = self.ring
+        files = self.files
+        number = files.active.number + 1
+        name = _files.file_path(files.path, number)
+        try:
+            fd = _files.open_next(name)
+        except OSError as exc:
+            self._roll_refused(name, exc, now)
+            return
+        # The switch: fills closed before this load have addresses below it and
+        # stay in the old file; later ones get addresses from here on.
+        boundary = ring.header(L.H_NEXT_ADDRESS)
+        base = boundary - _format.DATA_START
+        created = time.time_ns()
+        try:
+            _files.start_file(
+                fd, name, L.read_stream_id(ring.view), created_ns=created, number=number, base=base
+            )
+        except OSError as exc:
+            os.close(fd)
+            self._roll_refused(name, exc, now)
+            return
+        if self.direct:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        files.files.append(_files.OpenFile(number, base, fd, created))
+        self.fd = fd
+        self.allocated = os.fstat(fd).st_size
+        self.can_preallocate = True
+
+    def _roll_refused(self, name: str, exc: OSError, now: float) -> None:
+        print(f"shmflush: cannot roll to {name}: {exc}; retrying in 10 s", file=sys.stderr)
+        self.roll_refused_until = now + 10.0
+
+    def finish_closed(self) -> None:
+        """Close every old file whose addresses are all written (and durable):
+        cut its preallocated tail, sync, release its lock, run the hook, apply
+        retention."""
+        files = self.files
+        closed: list[str] = []
+        while len(files.files) > 1:
+            old, after = files.files[0], files.files[1]
+            end = after.base + _format.DATA_START
+            if self.ring.header(L.H_WRITTEN_BELOW) < end:
+                break
+            try:
+                if os.fstat(old.fd).st_size > end - old.base:
+                    os.ftruncate(old.fd, end - old.base)
+                os.fdatasync(old.fd)
+            except OSError:
+                pass  # its records are durable already; only the zero tail stays
+            files.files.pop(0)
+            files.dirty.discard(old.fd)
+            os.close(old.fd)
+            closed.append(_files.file_path(files.path, old.number))
+        for name in closed:
+            self.run_hook(name)
+        if closed and self.settings.retains:
+            try:
+                _files.apply(files.path, self.settings, warn=_warn_stderr)
+            except OSError as exc:
+                print(f"shmflush: retention failed: {exc}", file=sys.stderr)
+
+    def run_hook(self, name: str) -> None:
+        """Start ``on_segment_closed`` + [name] in the background.  It never
+        holds up or stops flushing: a hook that fails to start, fails or hangs
+        is reported on stderr and otherwise ignored."""
+        self.reap_hooks()
+        argv = self.settings.on_segment_closed
+        if not argv:
+            return
+        try:
+            self.hooks.append(
+                subprocess.Popen(
+                    [*argv, name], stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True
+                )
+            )
+        except OSError as exc:
+            print(f"shmflush: on_segment_closed hook {argv!r} failed: {exc}", file=sys.stderr)
+
+    def reap_hooks(self) -> None:
+        for proc in list(self.hooks):
+            status = proc.poll()
+            if status is None:
+                continue
+            self.hooks.remove(proc)
+            if status:
+                print(
+                    f"shmflush: on_segment_closed hook {proc.args!r} exited with {status}",
+                    file=sys.stderr,
+                )
+
+    def wait_for_hooks(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in list(self.hooks):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        self.reap_hooks()
 
     # -- main loop -----------------------------------------------------------------
 
@@ -477,6 +615,7 @@ class Flusher:
                 )  # frees dead and orphaned slots (acquire_lease waits for it)
                 self.recovery.sweep()
             self.gaps.check(now, closing)
+            self.maybe_roll(now)
             # A closed fill waits for writers still copying (microseconds): look
             # again soon rather than after a whole interval.
             wait = 0.0002 if incomplete else idle_wait
@@ -484,6 +623,7 @@ class Flusher:
                 if not closing_since:
                     closing_since = now
                 if self.all_idle():
+                    self.finish_closed()
                     if not ring.status() & L.STATUS_BROKEN:
                         self.trim()
                         # Every batch is synced already; this only makes the cut
@@ -505,6 +645,10 @@ class Flusher:
                     ring.set_status(L.STATUS_FLUSHER_DONE)
                     return 1
                 wait = 0.001
+
+
+def _warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _wait_for_leases(ring: Ring, timeout: float) -> None:
@@ -562,23 +706,29 @@ class _Gaps:
         ring = self.ring
         mark = ring.header(L.H_WRITTEN_BELOW)
         end = ring.header(L.H_NEXT_ADDRESS)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
+        files = self.flusher.files
         stream_id = L.read_stream_id(ring.view)
+        # Our own descriptors may be O_DIRECT (no 64-byte reads): read through new ones.
+        readers: dict[int, int] = {}
         try:
             p = mark
             while p < end:
-                header = _format.parse_segment_header(os.pread(fd, 64, p), p, stream_id)
+                fd, at = files.locate(p)
+                if fd not in readers:
+                    readers[fd] = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                head = os.pread(readers[fd], 64, at)
+                header = _format.parse_segment_header(head, at, stream_id)
                 if isinstance(header, str):
                     p += _format.BLOCK
                     continue
                 size = _format.segment_size(header.used)
                 self.written(p, p + size)
                 p += size
+        except OSError:
+            return
         finally:
-            os.close(fd)
+            for reader in readers.values():
+                os.close(reader)
 
     def check(self, now: float, closing: bool) -> None:
         ring = self.ring
@@ -626,18 +776,19 @@ class _Gaps:
             )
             stream_id = L.read_stream_id(self.ring.view)
             for at in range(start, end, _format.BLOCK):
+                fd, offset = self.flusher.files.locate(at)
                 _format.write_segment_header(
                     view,
                     0,
                     used=used,
                     seq=0,
-                    address=at,
+                    address=offset,
                     stream_id=stream_id,
                     sealed_ns=time.time_ns(),
                 )
-                os.pwrite(self.flusher.fd, view, at)
+                os.pwrite(fd, view, offset)
             if self.flusher.sync_data:
-                os.fdatasync(self.flusher.fd)
+                self.flusher.files.sync()
         finally:
             view.release()
             block.close()
@@ -649,7 +800,7 @@ def _open_for_restart(ring: Ring) -> int | None:
     path = L.read_path(ring.view)
     if not path:
         raise ShmflushError(f"ring {ring.name!r} has no file path to restart a flusher on")
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(_files.active_file(os.fsdecode(path))[1], os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -676,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ring = attach_ring(args.name)
     fd = args.fd
+    flusher: Flusher | None = None
     try:
         if fd is None:
             # The file lock makes restarts exclusive: of several processes that
@@ -694,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
             ring.set_header(L.H_ERROR_ERRNO, exc.errno or E.EIO)
             ring.set_status(L.STATUS_BROKEN | L.STATUS_FLUSHER_DONE)
             return 1
+        if args.restart:
+            flusher.files.open_older(ring.header(L.H_WRITTEN_BELOW))
         flusher.resume()
         if args.restart:
             flusher.gaps.rebuild(L.read_path(ring.view))
@@ -707,8 +861,11 @@ def main(argv: list[str] | None = None) -> int:
             # create(exist_ok=True) may have replaced it.
             _wait_for_leases(ring, 10.0)
             L.unlink_segment_if_same(args.name, ring.header(L.H_RING_ID))
+        flusher.wait_for_hooks(10.0)
         return status
     finally:
-        if fd is not None:
+        if flusher is not None:
+            flusher.files.close_all()  # fd among them
+        elif fd is not None:
             os.close(fd)
         ring.unmap()

@@ -100,7 +100,7 @@ RECORD_HEADER = struct.Struct("<IHH")
 # Everything before header_crc.  The file header's pad bytes ("2x", "20x") are
 # written as zeros by pack_into, which is what the reserved fields must hold.
 _SEGMENT_HEAD = struct.Struct("<8sHHIQQ16sQI")
-_FILE_HEAD = struct.Struct("<8sH2xI16sQ20x")
+_FILE_HEAD = struct.Struct("<8sH2xI16sQI4xQ4x")
 _HEADER_CRC = struct.Struct("<I")
 _HEADER_CRC_OFFSET = 60
 assert _SEGMENT_HEAD.size == _HEADER_CRC_OFFSET
@@ -293,14 +293,22 @@ class FileHeader:
     version: int
     stream_id: bytes = bytes(STREAM_ID_SIZE)
     created_ns: int = 0
+    #: The file's number in its stream (0: the path create() was given; n:
+    #: ``<path>.<n:06d>``, see shmflush/_files.py and docs/rotation.md).
+    file_no: int = 0
+    #: The flusher's address of file offset 0 (0 for file 0): a fill whose
+    #: address is A lies at file offset A - base of the file that holds A.
+    base: int = 0
 
 
-def pack_file_header(stream_id: bytes, created_ns: int) -> bytes:
+def pack_file_header(stream_id: bytes, created_ns: int, file_no: int = 0, base: int = 0) -> bytes:
     """The :data:`FILE_HEADER_SIZE` bytes of a version 3 file header."""
     if len(stream_id) != STREAM_ID_SIZE:
         raise ValueError(f"stream_id must be {STREAM_ID_SIZE} bytes, got {len(stream_id)}")
     block = bytearray(FILE_HEADER_SIZE)
-    _FILE_HEAD.pack_into(block, 0, FILE_MAGIC, FORMAT_VERSION, DATA_START, stream_id, created_ns)
+    _FILE_HEAD.pack_into(
+        block, 0, FILE_MAGIC, FORMAT_VERSION, DATA_START, stream_id, created_ns, file_no, base
+    )
     _HEADER_CRC.pack_into(block, _HEADER_CRC_OFFSET, crc(block[:_HEADER_CRC_OFFSET]))
     return bytes(block)
 
@@ -316,7 +324,9 @@ def parse_file_header(data: ReadableBuffer) -> FileHeader | str:
     with memoryview(data) as view:
         if view.nbytes < SEGMENT_HEADER_SIZE:
             return f"truncated file header ({view.nbytes} of {SEGMENT_HEADER_SIZE} bytes)"
-        magic, version, data_start, stream_id, created_ns = _FILE_HEAD.unpack_from(view)
+        magic, version, data_start, stream_id, created_ns, file_no, base = _FILE_HEAD.unpack_from(
+            view
+        )
         if magic != FILE_MAGIC:
             return "bad file magic"
         if version != FORMAT_VERSION:
@@ -327,7 +337,7 @@ def parse_file_header(data: ReadableBuffer) -> FileHeader | str:
                 return "file header CRC mismatch"
     if data_start != DATA_START:
         return f"data start {data_start}, expected {DATA_START}"
-    return FileHeader(version, bytes(stream_id), created_ns)
+    return FileHeader(version, bytes(stream_id), created_ns, file_no, base)
 
 
 def pack_array_descriptor(row_size: int, rows: int, dtype_text: str) -> bytearray:

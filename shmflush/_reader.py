@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+from . import _files
 from ._errors import CorruptFileError, UnsupportedFormatError
 from ._format import (
     BLOCK,
@@ -487,7 +488,64 @@ def read(path: str | os.PathLike[str], *, strict: bool = True) -> Reader:
     """
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
+    if not isinstance(path, bytes):
+        files = _files.list_files(os.fspath(path))
+        if len(files) > 1 or (files and files[0][0] != 0):
+            return StreamReader(os.fspath(path), files, strict=strict)
     return Reader(path, strict=strict)
+
+
+class StreamReader(Reader):
+    """A :class:`Reader` over every file of a rotated stream (``path``, then
+    ``path.000001``, ...; docs/rotation.md), in order, as one sequence.  The
+    counters add up over the files; ``damaged`` offsets are per file, and
+    ``damaged_files`` names the file of each.  A file of another stream among
+    them is damage at its offset 0 (strict: :class:`CorruptFileError`)."""
+
+    def __init__(self, path: str, files: list[tuple[int, str]], *, strict: bool = True) -> None:
+        # Reader's surface without a file of its own: each file gets a Reader.
+        self._fd = -1
+        self._closed = False
+        self._pid = os.getpid()
+        self.path = path
+        self.strict = strict
+        self.damaged = []
+        self.damaged_files: list[str] = []
+        self.abandoned = self.segments = self.records = 0
+        self._buf = b""
+        self._buf_start = 0
+        self._nonzero_end_cache = -1
+        self._stream = None
+        self.file_header = None
+        self._size = 0
+        self.files = files
+        self._gen = self._chain()
+
+    def _chain(self) -> Generator[bytes, None, None]:
+        for _number, name in self.files:
+            try:
+                part = Reader(name, strict=self.strict)
+            except FileNotFoundError:
+                continue  # retention deleted it since the listing
+            try:
+                header = _files.header_of(name)
+                stream = None if header is None else header.stream_id
+                if self._stream is None:
+                    self._stream, self.file_header = stream, header
+                elif stream is not None and stream != self._stream:
+                    if self.strict:
+                        raise CorruptFileError(name, 0, "a file of another stream")
+                    self.damaged.append(Damage(0, part._size, "a file of another stream"))
+                    self.damaged_files.append(name)
+                    continue
+                yield from part
+            finally:
+                self.abandoned += part.abandoned
+                self.segments += part.segments
+                self.records += part.records
+                self.damaged.extend(part.damaged)
+                self.damaged_files.extend([name] * len(part.damaged))
+                part.close()
 
 
 def read_array(
