@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from . import _files
 from ._errors import CorruptFileError, CursorError
 from ._format import (
     BLOCK,
@@ -137,7 +138,7 @@ def load_cursor(where: str) -> Position | None:
         or position.segment % BLOCK
         or position.record < 0
         or position.record % 8
-        or position.file != 0
+        or position.file < 0
     ):
         raise CursorError(where, f"names no record position: {position.token()}")
     return position
@@ -317,6 +318,8 @@ class Follower:
         self._at: tuple[int, int] | None = None
         self._committed: Position | None = None
         self._scan: _Scan | None = None
+        # The number of the stream's file being read (docs/rotation.md).
+        self._file = 0
         self._closed = False
         self._final = False
         self._gen = self._records()
@@ -355,7 +358,7 @@ class Follower:
         until the file's stream id and a position are known)."""
         if self._at is None or self.stream_id is None:
             return None
-        return Position(self.stream_id, self._at[0], self._at[1])
+        return Position(self.stream_id, self._at[0], self._at[1], self._file)
 
     def commit(self) -> None:
         """Make the cursor durable at the position after the last record yielded:
@@ -379,7 +382,7 @@ class Follower:
         delay = POLL_MIN
         while True:
             try:
-                scan = _Scan(self.path, self.strict)
+                scan = _Scan(_files.file_path(self.path, self._file), self.strict)
             except FileNotFoundError:
                 if not self.wait:
                     raise
@@ -416,41 +419,77 @@ class Follower:
         ``skip`` were delivered before.  The position moves past the segment
         when the caller asks for the next one (so ``cat`` can print a whole
         segment's records at once)."""
-        scan = self._open()
-        if scan is None:
-            return
+        resumed = None if self.cursor_file is None else load_cursor(self.cursor_file)
+        if resumed is None and isinstance(self._start, Position):
+            resumed = self._start
+        files = _files.list_files(self.path)
+        numbers = [n for n, _ in files]
+        if resumed is not None:
+            later = [n for n in numbers if n >= resumed.file]
+            self._file = later[0] if later else resumed.file
+        elif self._start == "end" or isinstance(self._start, int):
+            self._file = numbers[-1] if numbers else 0
+        else:
+            self._file = numbers[0] if numbers else 0
+        if resumed is not None and self._file != resumed.file:
+            # Retention deleted the cursor's file (retention_wins): resume at the
+            # start of the next one.
+            resumed = Position(resumed.stream_id, DATA_START, 0, self._file)
+        first = True
+        while True:
+            scan = self._open()
+            if scan is None:
+                return
+            try:
+                yield from self._file_batches(scan, resumed, first, defer_walk)
+            finally:
+                scan.close()
+            first = False
+            later = [n for n, _ in _files.list_files(self.path) if n > self._file]
+            if not later:
+                return
+            self._file = later[0]
+            self._final = False
+            self._at = (DATA_START, 0)
+
+    def _file_batches(
+        self, scan: _Scan, resumed: Position | None, first: bool, defer_walk: bool
+    ) -> Iterator[tuple[int, SegmentHeader, int, _Scan]]:
         self._scan = scan
-        try:
-            stream = self.stream_id = scan._stream
-            p, skip, since_ns = DATA_START, 0, -1
-            resumed = None if self.cursor_file is None else load_cursor(self.cursor_file)
-            if resumed is None and isinstance(self._start, Position):
-                resumed = self._start
-            if resumed is not None:
-                if stream is not None and resumed.stream_id != stream:
-                    raise CursorError(
-                        self.cursor_file or "(start position)",
-                        f"belongs to stream {resumed.stream_id.hex()}, but {self.path} is "
-                        f"stream {stream.hex()} (another file, or the file was replaced): "
-                        "delete the cursor or use another name to read this file from a "
-                        "start position",
-                    )
-                p, skip = resumed.segment, resumed.record
-                self._committed = resumed
-            elif isinstance(self._start, _dt.datetime):
-                since_ns = _time_ns(self._start)
-            elif self._start == "end" or isinstance(self._start, int):
-                p, skip = self._locate(scan, self._start)
-            self._at = (p, skip)
-            scan.defer_walk = defer_walk
-            for segment, header in self._segments(scan, p):
-                self.stream_id = scan._stream
-                if header.sealed_ns >= since_ns:
-                    yield segment, header, skip, scan
-                skip = 0
-                self._at = (segment + segment_size(header.used), 0)
-        finally:
-            scan.close()
+        if not first:
+            if self.stream_id is not None and scan._stream not in {None, self.stream_id}:
+                if self.strict:
+                    raise CorruptFileError(scan.path, 0, "a file of another stream")
+                self.damaged.append(Damage(0, scan._size, "a file of another stream"))
+                return
+            resumed = None
+        stream = self.stream_id = scan._stream
+        p, skip, since_ns = DATA_START, 0, -1
+        if not first:
+            since_ns = _time_ns(self._start) if isinstance(self._start, _dt.datetime) else -1
+        elif resumed is not None:
+            if stream is not None and resumed.stream_id != stream:
+                raise CursorError(
+                    self.cursor_file or "(start position)",
+                    f"belongs to stream {resumed.stream_id.hex()}, but {self.path} is "
+                    f"stream {stream.hex()} (another file, or the file was replaced): "
+                    "delete the cursor or use another name to read this file from a "
+                    "start position",
+                )
+            p, skip = resumed.segment, resumed.record
+            self._committed = resumed
+        elif isinstance(self._start, _dt.datetime):
+            since_ns = _time_ns(self._start)
+        elif self._start == "end" or isinstance(self._start, int):
+            p, skip = self._locate(scan, self._start)
+        self._at = (p, skip)
+        scan.defer_walk = defer_walk
+        for segment, header in self._segments(scan, p):
+            self.stream_id = scan._stream
+            if header.sealed_ns >= since_ns:
+                yield segment, header, skip, scan
+            skip = 0
+            self._at = (segment + segment_size(header.used), 0)
 
     def _locate(self, scan: _Scan, start: str | int) -> tuple[int, int]:
         """The position of ``"end"`` (the end so far) or of the last ``-start``
