@@ -1,4 +1,4 @@
-"""Command line: ``python -m shmflush {cat,top,demo,bench,verify,cleanup,flusher}``."""
+"""Command line: ``python -m shmflush {cat,top,prune,demo,bench,verify,cleanup,flusher}``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ USAGE = """usage: python -m shmflush COMMAND [ARGS]
 commands:
   cat       print a file's records (text, json or raw), -f to follow, with cursors
   top       live view of a running ring: rates, buffers, flusher lag, drops
+  prune     delete a rotated stream's oldest files by its retention rules
   demo      spawn writer processes, append, verify the file, print throughput
   bench     compare shmflush with its peers (python -m shmflush bench --help)
   verify    check a file written by shmflush and report damaged stretches
@@ -22,6 +23,7 @@ commands:
 COMMANDS = {
     "cat": "._cat",
     "top": "._top",
+    "prune": "._prune",
     "demo": "._tools.demo",
     "bench": "._tools.bench",
     "verify": "._verify",

@@ -35,6 +35,10 @@ POINTS: Final = frozenset(
         "flush.written",  # flusher: batch written, not synced
         "flush.synced",  # flusher: batch synced, buffers not reset
         "flush.zeroed",  # flusher: buffer zeroed, not yet IDLE
+        "roll.opened",  # flusher: next file created and locked, no header yet
+        "roll.headed",  # flusher: its header durable, no address maps to it yet
+        "roll.switched",  # flusher: new addresses go to it, the old file not finished
+        "roll.finished",  # flusher: old file cut and closed, hook and retention not run
     }
 )
 

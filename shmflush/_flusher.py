@@ -472,6 +472,8 @@ class Flusher:
         except OSError as exc:
             self._roll_refused(name, exc, now)
             return
+        if _faults.ENABLED:
+            _faults.reached("roll.opened")
         # The switch: fills closed before this load have addresses below it and
         # stay in the old file; later ones get addresses from here on.
         boundary = ring.header(L.H_NEXT_ADDRESS)
@@ -485,6 +487,8 @@ class Flusher:
             os.close(fd)
             self._roll_refused(name, exc, now)
             return
+        if _faults.ENABLED:
+            _faults.reached("roll.headed")
         if self.direct:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             with contextlib.suppress(OSError):
@@ -493,6 +497,8 @@ class Flusher:
         self.fd = fd
         self.allocated = os.fstat(fd).st_size
         self.can_preallocate = True
+        if _faults.ENABLED:
+            _faults.reached("roll.switched")
 
     def _roll_refused(self, name: str, exc: OSError, now: float) -> None:
         print(f"shmflush: cannot roll to {name}: {exc}; retrying in 10 s", file=sys.stderr)
@@ -519,6 +525,8 @@ class Flusher:
             files.dirty.discard(old.fd)
             os.close(old.fd)
             closed.append(_files.file_path(files.path, old.number))
+        if closed and _faults.ENABLED:
+            _faults.reached("roll.finished")
         for name in closed:
             self.run_hook(name)
         if closed and self.settings.retains:

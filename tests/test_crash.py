@@ -46,7 +46,7 @@ for seq in range(int(sys.argv[4])):
 ring.close()
 """
 
-WRITER_POINTS = sorted(p for p in _faults.POINTS if not p.startswith("flush."))
+WRITER_POINTS = sorted(p for p in _faults.POINTS if not p.startswith(("flush.", "roll.")))
 
 
 def _live_writer(
