@@ -543,6 +543,7 @@ class StreamReader(Reader):
                 self.abandoned += part.abandoned
                 self.segments += part.segments
                 self.records += part.records
+                self._size += part._size
                 self.damaged.extend(part.damaged)
                 self.damaged_files.extend([name] * len(part.damaged))
                 part.close()

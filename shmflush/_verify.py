@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from . import _files
 from ._errors import CorruptFileError, UnsupportedFormatError
 from ._reader import Damage, read
 
@@ -88,7 +89,8 @@ def scan(path: str) -> Report:
     :class:`~shmflush.UnsupportedFormatError` for a file of an earlier format
     version.
     """
-    st = os.stat(path)
+    # A rotated stream: its active file stands for it (retention may have taken `path`).
+    st = os.stat(_files.active_file(os.fspath(path))[1])
     # A FIFO or device would block or never end; a directory reads as EISDIR later.
     if not stat.S_ISREG(st.st_mode):
         raise OSError(f"{path}: not a regular file")

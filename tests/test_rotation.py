@@ -249,3 +249,36 @@ def test_create_refuses_bad_rotation_settings(ring_name: str, tmp_path: Path) ->
     with pytest.raises(TypeError, match="on_segment_closed"):
         shmflush.create(ring_name, path, on_segment_closed="gzip")  # type: ignore[arg-type]
     assert not path.exists()
+
+
+def test_cat_and_verify_read_every_file_of_the_stream(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "cli.log"
+    with shmflush.create(
+        ring_name, path, buffer_size=8192, buffers=4, segment_bytes=2 * 4096
+    ) as ring:
+        for i in range(400):
+            ring.append(b"line %d" % i)
+            if i % 50 == 49:
+                ring.sync(timeout=30)  # a fill per batch, so that the stream rolls
+    assert len(_numbers(path)) >= 3
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cat = subprocess.run(
+        [sys.executable, "-m", "shmflush", "cat", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert cat.returncode == 0, cat.stderr
+    assert cat.stdout.splitlines() == [f"line {i}" for i in range(400)]
+    verify = subprocess.run(
+        [sys.executable, "-m", "shmflush", "verify", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout
+    assert '"records": 400' in verify.stdout
