@@ -315,7 +315,9 @@ def plan(path: str, settings: Settings, *, now: float | None = None) -> list[Ver
         )
         deleting = deleting and over
         needed = tuple(sorted(c for c, f in cursors.items() if f <= n))
-        delete = deleting and (not needed or settings.retention_wins)
+        # A closed file whose lock is held still gets the fills addressed before
+        # the roll (the flusher lets go of it once they are durable): never ours.
+        delete = deleting and (not needed or settings.retention_wins) and not _in_use(name)
         if deleting and not delete:
             deleting = False  # keep this one, so keep all after it: no holes
         verdicts.append(Verdict(n, name, sizes[n], delete, needed))
@@ -382,6 +384,22 @@ def start_file(
         raise OSError(f"{name}: short write of the file header")
     os.fdatasync(fd)
     sync_directory(name)
+
+
+def _in_use(name: str) -> bool:
+    """Does a flusher still hold *name* locked?  (A shared, non-blocking probe,
+    released at once; see _follow.ring_writes.)"""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def lock_exclusive(fd: int) -> bool:

@@ -282,3 +282,22 @@ def test_cat_and_verify_read_every_file_of_the_stream(ring_name: str, tmp_path: 
     )
     assert verify.returncode == 0, verify.stdout
     assert '"records": 400' in verify.stdout
+
+
+def test_retention_keeps_a_closed_file_a_flusher_still_holds(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "held.log"
+    _rolled_stream(ring_name, path)
+    oldest = _files.list_files(str(path))[0][1]
+    fd = os.open(oldest, os.O_RDONLY)
+    try:
+        assert _files.lock_exclusive(fd)  # as a flusher holds a file it has not finished
+        verdicts = _files.apply(str(path), _files.Settings(retain_files=1))
+        assert verdicts
+        assert not any(v.delete for v in verdicts)  # and so none after it: no hole
+        assert os.path.exists(oldest)
+    finally:
+        os.close(fd)
+    assert all(v.delete for v in _files.apply(str(path), _files.Settings(retain_files=1)))
+    assert len(_numbers(path)) == 1
