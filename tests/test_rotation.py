@@ -301,3 +301,25 @@ def test_retention_keeps_a_closed_file_a_flusher_still_holds(
         os.close(fd)
     assert all(v.delete for v in _files.apply(str(path), _files.Settings(retain_files=1)))
     assert len(_numbers(path)) == 1
+
+
+def test_a_cursor_survives_rotation(ring_name: str, tmp_path: Path) -> None:
+    path = tmp_path / "cur.log"
+    ring = shmflush.create(ring_name, path, buffer_size=8192, buffers=4, segment_bytes=2 * 4096)
+    try:
+        for i in range(300):
+            ring.append(b"a%d" % i)
+        ring.sync(timeout=30)
+        with shmflush.follow(path, cursor="ship", wait=False) as records:
+            first = [r.payload for _, r in zip(range(200), records, strict=False)]
+            records.commit()
+        for i in range(300):
+            ring.append(b"b%d" % i)
+            if i % 60 == 59:
+                ring.sync(timeout=30)  # more fills, more rolls
+    finally:
+        ring.close()
+    assert len(_numbers(path)) >= 3
+    with shmflush.follow(path, cursor="ship") as records:
+        rest = [r.payload for r in records]
+    assert first + rest == [b"a%d" % i for i in range(300)] + [b"b%d" % i for i in range(300)]
