@@ -84,6 +84,19 @@ def header_of(name: str) -> _format.FileHeader | None:
         os.close(fd)
 
 
+def interrupted_roll(number: int, name: str) -> bool:
+    """Is file *number* what a roll interrupted by a crash leaves: a numbered
+    file of at most one block without a valid header?  It holds no record."""
+    if number == 0:
+        return False
+    try:
+        if os.stat(name).st_size > _format.FILE_HEADER_SIZE:
+            return False
+    except OSError:
+        return False
+    return header_of(name) is None
+
+
 def active_file(path: str) -> tuple[int, str]:
     """The file a ring appends to: the highest-numbered file of the stream
     (``(0, path)`` when there is none).  A numbered file that holds no valid

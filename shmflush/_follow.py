@@ -445,7 +445,11 @@ class Follower:
             finally:
                 scan.close()
             first = False
-            later = [n for n, _ in _files.list_files(self.path) if n > self._file]
+            later = [
+                n
+                for n, name in _files.list_files(self.path)
+                if n > self._file and not _files.interrupted_roll(n, name)
+            ]
             if not later:
                 return
             self._file = later[0]

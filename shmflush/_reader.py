@@ -522,7 +522,9 @@ class StreamReader(Reader):
         self._gen = self._chain()
 
     def _chain(self) -> Generator[bytes, None, None]:
-        for _number, name in self.files:
+        for number, name in self.files:
+            if _files.interrupted_roll(number, name):
+                continue  # no record in it (docs/format.md section 2.1)
             try:
                 part = Reader(name, strict=self.strict)
             except FileNotFoundError:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import shmflush
-from shmflush import _faults, _files
+from shmflush import _faults, _files, _format
 from shmflush._follow import Position, store_cursor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,3 +323,27 @@ def test_a_cursor_survives_rotation(ring_name: str, tmp_path: Path) -> None:
     with shmflush.follow(path, cursor="ship") as records:
         rest = [r.payload for r in records]
     assert first + rest == [b"a%d" % i for i in range(300)] + [b"b%d" % i for i in range(300)]
+
+
+def test_a_torn_header_left_by_a_crashed_roll_is_skipped_by_readers_and_reused(
+    ring_name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "torn.log"
+    _rolled_stream(ring_name, path)
+    last = _numbers(path)[-1]
+    torn = Path(_files.file_path(str(path), last + 1))
+    torn.write_bytes(_format.pack_file_header(bytes(16), 1, last + 1, 0)[:40])
+    want = list(shmflush.read(path))
+    assert len(want) == 3000
+    with shmflush.follow(path) as records:
+        assert [r.payload for r in records] == want
+    # The next ring appends to the real active file, and its roll reuses the name.
+    with shmflush.create(ring_name, path, buffer_size=8192, segment_bytes=2 * 4096) as ring:
+        for i in range(300):
+            ring.append(b"more %d" % i)
+            if i % 60 == 59:
+                ring.sync(timeout=30)
+    header = _files.header_of(str(torn))
+    assert header is not None
+    assert header.file_no == last + 1
+    assert list(shmflush.read(path)) == want + [b"more %d" % i for i in range(300)]
