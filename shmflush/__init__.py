@@ -20,6 +20,7 @@ from ._errors import (
     ShmflushError,
     UnsupportedFormatError,
 )
+from ._files import RetentionWarning
 from ._follow import Follower, Record, follow
 from ._logging import LogHandler
 from ._reader import Damage, Reader, read, read_array
@@ -37,6 +38,7 @@ __all__ = [
     "Reader",
     "Record",
     "RecordTooLargeError",
+    "RetentionWarning",
     "Ring",
     "RingBrokenError",
     "RingClosedError",

@@ -22,6 +22,7 @@ PUBLIC = {
     "Reader",
     "Record",
     "RecordTooLargeError",
+    "RetentionWarning",
     "Ring",
     "RingBrokenError",
     "RingClosedError",

@@ -181,7 +181,7 @@ def test_retention_wins_warns(ring_name: str, tmp_path: Path) -> None:
     stream = _files.header_of(str(path)).stream_id  # type: ignore[union-attr]
     store_cursor(str(path) + ".cursors/slow", Position(stream, 4096, 0, 0))
     settings = _files.Settings(retain_files=2, retention_wins=True)
-    with pytest.warns(_files.RetentionWarning, match="slow"):
+    with pytest.warns(shmflush.RetentionWarning, match="slow"):
         _files.apply(str(path), settings)
     assert len(_numbers(path)) == 2
     # And the command line says so on stderr.
