@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -438,7 +439,11 @@ class OpenFile:
 
 class FileTable:
     """The files a flusher writes: the active one, and the closed ones that
-    still have addresses below them unwritten (at most a roll's worth)."""
+    still have addresses below them unwritten (at most a roll's worth).
+
+    Write threads call :meth:`locate` and :meth:`sync` while the main loop
+    rolls and finishes files, so ``files`` is never changed in place (a new
+    list replaces it) and ``dirty`` is changed under a lock."""
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
@@ -450,6 +455,7 @@ class FileTable:
         else:
             self.files = [OpenFile(header.file_no, header.base, fd, header.created_ns)]
         self.dirty: set[int] = set()
+        self.lock = threading.Lock()
 
     @property
     def active(self) -> OpenFile:
@@ -472,26 +478,41 @@ class FileTable:
                 os.close(fd)
                 return
             lock_exclusive(fd)  # ours: the predecessor is dead
-            self.files.insert(0, OpenFile(number, header.base, fd, header.created_ns))
+            self.files = [OpenFile(number, header.base, fd, header.created_ns), *self.files]
             upper = header.base + _format.DATA_START
 
     def locate(self, address: int) -> tuple[int, int]:
         """``(fd, file offset)`` of the flusher address *address*."""
         for f in reversed(self.files):
             if address >= f.base + _format.DATA_START:
-                self.dirty.add(f.fd)
+                with self.lock:
+                    self.dirty.add(f.fd)
                 return f.fd, address - f.base
         raise ValueError(f"address {address} lies in no open file of {self.path}")
 
     def sync(self) -> None:
         """fdatasync every file written since the last call."""
-        dirty, self.dirty = self.dirty, set()
+        with self.lock:
+            dirty, self.dirty = self.dirty, set()
         try:
             for fd in dirty:
                 os.fdatasync(fd)
         except BaseException:
-            self.dirty |= dirty
+            with self.lock:
+                self.dirty |= dirty
             raise
+
+    def add(self, new: OpenFile) -> None:
+        """A roll: *new* becomes the active file."""
+        self.files = [*self.files, new]
+
+    def drop_oldest(self) -> OpenFile:
+        """A finished file leaves the table (the caller closes it)."""
+        old = self.files[0]
+        self.files = self.files[1:]
+        with self.lock:
+            self.dirty.discard(old.fd)
+        return old
 
     def close_all(self) -> None:
         for f in self.files:

@@ -447,7 +447,9 @@ class Flusher:
         ring = self.ring
         if not settings.rolls or ring.status() & (L.STATUS_CLOSING | L.STATUS_BROKEN):
             return
-        if now < self.roll_refused_until:
+        if now < self.roll_refused_until or getattr(self, "batch", None) is not None:
+            # Only between batches: the I/O thread (where there is one)
+            # preallocates the active file, which a roll replaces.
             return
         active = self.files.active
         end = ring.header(L.H_NEXT_ADDRESS) - active.base
@@ -493,7 +495,7 @@ class Flusher:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        files.files.append(_files.OpenFile(number, base, fd, created))
+        files.add(_files.OpenFile(number, base, fd, created))
         self.fd = fd
         self.allocated = os.fstat(fd).st_size
         self.can_preallocate = True
@@ -521,8 +523,7 @@ class Flusher:
                 os.fdatasync(old.fd)
             except OSError:
                 pass  # its records are durable already; only the zero tail stays
-            files.files.pop(0)
-            files.dirty.discard(old.fd)
+            files.drop_oldest()
             os.close(old.fd)
             closed.append(_files.file_path(files.path, old.number))
         if closed and _faults.ENABLED:
