@@ -435,6 +435,8 @@ class OpenFile:
     base: int
     fd: int
     created_ns: int
+    #: how far it is preallocated (Flusher.preallocate)
+    allocated: int = 0
 
 
 class FileTable:
@@ -450,10 +452,11 @@ class FileTable:
         header = read_header(fd)
         # No header (a test's bare ring, or a file create() did not prepare):
         # it is file 0, whose addresses are its offsets.
+        size = os.fstat(fd).st_size
         if header is None:
-            self.files = [OpenFile(0, 0, fd, 0)]
+            self.files = [OpenFile(0, 0, fd, 0, size)]
         else:
-            self.files = [OpenFile(header.file_no, header.base, fd, header.created_ns)]
+            self.files = [OpenFile(header.file_no, header.base, fd, header.created_ns, size)]
         self.dirty: set[int] = set()
         self.lock = threading.Lock()
 

@@ -322,29 +322,33 @@ class Flusher:
         """
         if not self.can_preallocate:
             return
-        end = self.ring.header(L.H_NEXT_ADDRESS) - self.files.active.base
-        if end <= self.allocated:
+        # One file throughout, even if the main loop rolls meanwhile (this runs
+        # on the I/O thread): the old one may get a little more, cut when finished.
+        active = self.files.active
+        fd = active.fd
+        end = self.ring.header(L.H_NEXT_ADDRESS) - active.base
+        if end <= active.allocated:
             return
         if now >= self.preallocate_whole_after:
             target = (end + _PREALLOCATE - 1) // _PREALLOCATE * _PREALLOCATE + _PREALLOCATE
             try:
-                os.posix_fallocate(self.fd, self.allocated, target - self.allocated)
+                os.posix_fallocate(fd, active.allocated, target - active.allocated)
             except OSError as exc:
                 if exc.errno not in _NO_SPACE:
                     self.can_preallocate = False
                     return
                 self.preallocate_whole_after = now + _PREALLOCATE_BACKOFF
             else:
-                self.allocated = target
+                active.allocated = target
                 return
         try:
-            os.posix_fallocate(self.fd, self.allocated, end - self.allocated)
+            os.posix_fallocate(fd, active.allocated, end - active.allocated)
         except OSError as exc:
             if exc.errno not in _NO_SPACE:
                 self.can_preallocate = False
                 return
             raise
-        self.allocated = end
+        active.allocated = end
 
     def check_file(self, now: float, *, before_write: bool = False) -> None:
         """Break the ring if its file was deleted or truncated under it.
@@ -447,9 +451,7 @@ class Flusher:
         ring = self.ring
         if not settings.rolls or ring.status() & (L.STATUS_CLOSING | L.STATUS_BROKEN):
             return
-        if now < self.roll_refused_until or getattr(self, "batch", None) is not None:
-            # Only between batches: the I/O thread (where there is one)
-            # preallocates the active file, which a roll replaces.
+        if now < self.roll_refused_until:
             return
         active = self.files.active
         end = ring.header(L.H_NEXT_ADDRESS) - active.base
@@ -495,9 +497,8 @@ class Flusher:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        files.add(_files.OpenFile(number, base, fd, created))
+        files.add(_files.OpenFile(number, base, fd, created, _format.DATA_START))
         self.fd = fd
-        self.allocated = os.fstat(fd).st_size
         self.can_preallocate = True
         if _faults.ENABLED:
             _faults.reached("roll.switched")
