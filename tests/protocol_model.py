@@ -1186,6 +1186,8 @@ class Model:
         elif pc == "p_chunk":  # ... then load C_k: `words[chunk_w] != cword`
             ch = m[CHL][w]
             if self._wload(m, w, ("C", w)) != ch[3]:
+                if sub == "first":
+                    raise InvariantError("I2", f"W{w}'s fresh chunk was taken before its first put")
                 self._pend(m, w, (("A", w), ch[1]))  # put() returns False: claim
                 frame = ("r_cas", rec, 0, 0, None)
             elif self.cfg.mutant == "recheck-first" and sub != "first":
@@ -1236,7 +1238,13 @@ class Model:
                 # The first put(): seal_w is H_ZERO (always zero: no SEALED test);
                 # its A_k = off | BUSY repeats the install's (same value, next in
                 # the FIFO: not modelled); then the load of C_k, as in every put.
-                frame = ("p_chunk", rec, 0, 0, "first")
+                # Reduced: that load always reads c (the store is the writer's
+                # own; the flusher's CAS needs C_k = c in memory, and then the
+                # BUSY before it in the FIFO is there too), so it is skipped.
+                if self.cfg.reduce:
+                    frame = self._put_record(m, w, rec)
+                else:
+                    frame = ("p_chunk", rec, 0, 0, "first")
             else:  # stale fill: an ABANDONED record over the whole claim, commit, rotate
                 cell = self._find_cell(m, i, off, w, CHUNK_REST)
                 if cell[5] == fill:
