@@ -171,16 +171,6 @@ RECOVERY: list[Config] = [
 if DEEP:
     RECOVERY += [
         Config(
-            "deep-chunk-deaths-sync",
-            ((8, 8), (8,)),
-            chunk=CHUNK,
-            deaths=1,
-            recovery=True,
-            syncs=1,
-            timed_seal=False,
-            max_fills=2,
-        ),
-        Config(
             "deep-chunk-deaths-timed",
             ((8, 8), (8,)),
             chunk=CHUNK,
