@@ -465,3 +465,41 @@ def test_the_flusher_does_not_take_its_own_preallocation_or_trim_for_a_truncatio
         written - 4096,
         written,
     )
+
+
+def test_a_flusher_whose_membarrier_is_refused_turns_writers_to_one_atomic_per_record(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # seccomp can refuse membarrier(2) to the flusher although the creator could
+    # register: the flusher then cannot take idle writers' tails, so it tells
+    # writers (H_FENCE) to claim one record at a time from their next claim.
+    from shmflush import _fence
+
+    if not _fence.register():
+        pytest.skip("membarrier(2) is not available here")
+    core = bare.core
+    core.set_header(L.H_FENCE, L.FENCE_ON)
+    core.fence_on = True
+    bare.ring.append(b"in a chunk")
+    writer = bare.ring._tls.slot
+    assert writer.fenced
+    assert writer.room() > 0  # a chunk with a tail
+    lane_word = core.words[core.lane_w[0]]
+    i = lane_word & L.LANE_INDEX_MASK
+    core.seal(i)
+
+    def refused() -> None:
+        raise OSError(errno.EPERM, "membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED): refused")
+
+    monkeypatch.setattr(_fence, "barrier", refused)
+    bare.flush()
+    assert "fall back to one atomic per record" in capfd.readouterr().err
+    assert core.header(L.H_FENCE) == L.FENCE_OFF
+    assert not core.state(i) & L.IDLE  # the tail is the writer's to return
+    bare.ring.append(b"after")  # returns the tail, claims in fallback mode
+    assert not writer.fenced
+    assert writer.room() == 0  # exactly one record per claim
+    bare.flush()
+    core.seal(core.words[core.lane_w[0]] & L.LANE_INDEX_MASK)
+    bare.flush()
+    assert bare.records() == [b"in a chunk", b"after"]
