@@ -622,3 +622,30 @@ def test_the_gap_filler_waits_for_the_batch_in_flight_before_it_writes_and_syncs
     reader = shmflush.read(bare.path)
     assert list(reader) == [b"first", b"second"]
     assert reader.abandoned == 4
+
+
+def test_a_flusher_that_gives_up_on_close_first_accounts_for_the_batch_in_flight(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run() must not return with the I/O thread still writing: the caller closes
+    # the descriptor next, and close() would name durable fills as lost.
+    core = bare.core
+    flusher = bare.flusher
+    flusher.sync_data = True
+    log = _HeldSync()
+    log.install(monkeypatch)
+    i = _fill_one(bare, b"late" * 100)
+    core.set_status(L.STATUS_CLOSING)
+    timer = threading.Timer(1.0, log.release.set)  # well after it gives up
+    timer.start()
+    try:
+        assert flusher.run(give_up_after=0.1) == 1
+    finally:
+        log.release.set()
+        timer.join(DEADLINE_S)
+    assert log.entered.is_set()
+    assert flusher.batch is None
+    assert core.state(i) & L.IDLE
+    assert core.status() & L.STATUS_FLUSHER_DONE
+    assert bare.ring.stats().syncs == 1
+    assert bare.records() == [b"late" * 100]
