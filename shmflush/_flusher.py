@@ -10,14 +10,20 @@ One pass of the loop:
 1. seal fills that stayed open and non-empty for ``flush_interval`` (or all fills,
    when the owner is closing), so quiet writers still reach the disk;
 2. take every fill that is SEALED|CLOSED with no writer (compare-and-swap in
-   FLUSHING: a fill is taken once);
-3. ``pwrite(2)`` each taken fill at its address, in address order, after writing
-   its segment header into the buffer (CRC over the records);
-4. ``fdatasync(2)`` once for the whole batch when the sync level is "data"
+   FLUSHING: a fill is taken once) and queue it for the next batch;
+3. once the batch in flight is durable, start the next one at once with every
+   fill queued, then reset the finished one (below) while the next is written.
+
+A batch is written by the I/O thread, one batch at a time, while the loop goes
+on sealing and taking:
+
+4. ``pwrite(2)`` each fill of the batch at its address, after writing its
+   segment header into the buffer (CRC over the records);
+5. ``fdatasync(2)`` once for the whole batch when the sync level is "data"
    (group commit);
-5. zero the written part of each buffer and mark it IDLE (invariant I4: reuse only
-   after the write is as durable as the sync level promises), then wake writers
-   waiting for space.
+6. back in the loop: mark the batch durable, zero the written part of each
+   buffer and mark it IDLE (invariant I4: reuse only after the write is as
+   durable as the sync level promises), then wake writers waiting for space.
 
 A failed batch stays taken, in shared memory, and is retried with a growing pause:
 nothing is reset before it is written (and synced).  What a failure does to the
@@ -45,7 +51,8 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from . import _faults, _files, _format, _proc
 from . import _layout as L
@@ -66,6 +73,26 @@ _NO_SPACE = frozenset((E.ENOSPC, E.EDQUOT))
 _IO_ATTEMPTS = 5
 
 
+@dataclass
+class _Outcome:
+    """What the I/O thread did with a batch."""
+
+    done: list[int] = field(default_factory=list)  # buffers written in full
+    written: int = 0  # bytes
+    syncing: bool = False  # the error (if any) came from fdatasync(2)
+    error: OSError | ValueError | None = None
+
+
+@dataclass
+class _Batch:
+    """The batch in flight: its buffers, in address order, and its I/O (the
+    outcome is stored before the loop is woken)."""
+
+    buffers: list[int]
+    future: Future[None] = field(init=False)
+    outcome: _Outcome | None = None
+
+
 class Flusher:
     def __init__(self, ring: Ring, fd: int) -> None:
         self.ring = ring
@@ -73,7 +100,9 @@ class Flusher:
         self.direct = False
         self.sync_data = ring.header(L.H_SYNC) == L.SYNC_LEVELS["data"]
         self.interval = ring.header(L.H_FLUSH_INTERVAL_NS) / 1e9
-        self.pending: list[int] = []  # taken (FLUSHING) but not yet durable
+        self.pending: list[int] = []  # taken (FLUSHING), not yet in a batch
+        self.batch: _Batch | None = None  # being written and synced
+        self.io: ThreadPoolExecutor | None = None  # the I/O thread (see start_batch)
         self.retry_at = 0.0
         self.retry_pause = 0.05
         self.attempts = 0  # failed attempts at the pending batch, other than no space
@@ -218,55 +247,148 @@ class Flusher:
                 incomplete = True
         return incomplete
 
+    # -- batches ---------------------------------------------------------------
+    #
+    # One batch at a time is written and synced, by the I/O thread, while the
+    # main loop goes on sealing and taking fills into ``pending``: the device
+    # never waits for the loop, and the loop never waits for the device.  The
+    # writes of two batches never overlap, and nothing else touches the file
+    # while a batch is in flight (the gap filler waits for the gap between two
+    # batches): an fdatasync(2) error can then only be about the batch it
+    # belongs to, so "a failed sync rewrites its whole batch" stays exact.
+
     def flush_pending(self, now: float) -> None:
-        ring = self.ring
-        if not self.pending or now < self.retry_at:
+        """Write, sync and reset every pending fill as one batch, and return
+        when that is done or has failed (see failed()); nothing before the
+        retry time of a failed batch.
+
+        The loop runs the same steps without waiting (see pump()); this is them
+        in one call, for a caller that drives the flusher by hand (the tests).
+        """
+        self.start_batch(now)
+        self.release(self.finish_batch(now, wait=True))
+
+    def pump(self, now: float, closing: bool) -> None:
+        """The loop's batch step: finish the batch in flight if its I/O is done,
+        start the next one at once with every fill taken meanwhile, then reset
+        the finished batch's buffers while the next one is written."""
+        durable = self.finish_batch(now, wait=False)
+        if self.batch is None:
+            # The gap filler writes and syncs the file itself: only between
+            # batches, so that its fdatasync(2) cannot consume a writeback error
+            # that belongs to a batch (fsyncgate).
+            self.gaps.check(now, closing)
+            self.start_batch(now)
+        self.release(durable)
+        if durable and self.batch is None:
+            # Again once the last batch is reset: on close, the gap is filled
+            # at once only when every buffer is idle.
+            self.gaps.check(now, closing)
+
+    def start_batch(self, now: float) -> None:
+        """Hand every pending fill to the I/O thread, in address order, unless a
+        batch is in flight or a failed one waits for its retry time."""
+        if self.batch is not None or not self.pending or now < self.retry_at:
             return
-        self.pending.sort(key=lambda i: ring.words[ring.address_w[i]])
-        written = 0
-        done: list[int] = []
-        syncing = False
+        ring = self.ring
+        buffers = sorted(self.pending, key=lambda i: ring.words[ring.address_w[i]])
+        self.pending = []
         self.check_file(now, before_write=True)
+        if self.io is None:
+            self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shmflush-batch")
+        batch = _Batch(buffers)
+        batch.future = self.io.submit(self._run_batch, batch, now)
+        self.batch = batch
+
+    def _run_batch(self, batch: _Batch, now: float) -> None:
+        try:
+            batch.outcome = self._write_and_sync(batch.buffers, now)
+        finally:
+            # Wake the loop once the outcome is there: it starts the next batch at
+            # once.  (A bug in the I/O code wakes it too: finish_batch re-raises.)
+            sem = self.ring.flush_sem
+            if sem is not None:
+                sem.release()
+
+    def _write_and_sync(self, buffers: list[int], now: float) -> _Outcome:
+        """The I/O thread: write every fill of the batch, then fdatasync(2) it
+        once (group commit).  Errors are returned, for the loop to handle."""
+        ring = self.ring
+        outcome = _Outcome()
         try:
             self.preallocate(now)
             # Every fill of the batch, every attempt: after a failed fdatasync the
             # page cache may hold none of it (see failed()).
-            for i, size in self.write_all(self.pending):
-                written += size
-                done.append(i)
-            if _faults.ENABLED and written:
+            for i, size in self.write_all(buffers):
+                outcome.written += size
+                outcome.done.append(i)
+            if _faults.ENABLED and outcome.written:
                 _faults.reached("flush.written")
-            if written and self.sync_data:
-                syncing = True
+            if outcome.written and self.sync_data:
+                outcome.syncing = True
                 self.files.sync()
                 if _faults.ENABLED:
                     _faults.reached("flush.synced")
                 ring.set_header(L.H_SYNCS, ring.header(L.H_SYNCS) + 1)
         except (OSError, ValueError) as exc:
-            self.failed(exc, now, syncing=syncing)
-            return
-        for i in done:
+            outcome.error = exc
+        return outcome
+
+    def finish_batch(self, now: float, *, wait: bool) -> list[int]:
+        """Account for the batch in flight once its I/O is done (at once, or
+        after waiting for it with *wait*); returns the buffers that are now
+        durable, to be reset (see release()).  A failed batch goes back to
+        ``pending``, to be retried with the fills taken since."""
+        batch = self.batch
+        if batch is None or not (wait or batch.outcome is not None or batch.future.done()):
+            return []
+        if wait or batch.outcome is None:
+            batch.future.result()  # re-raises what is not an I/O error
+        outcome = batch.outcome
+        assert outcome is not None
+        self.batch = None
+        if outcome.error is not None:
+            self.pending = batch.buffers + self.pending
+            self.failed(outcome.error, now, syncing=outcome.syncing)
+            return []
+        ring = self.ring
+        for i in outcome.done:
             used = ring.words[ring.used_w[i]]
             if used:
                 start = ring.words[ring.address_w[i]]
                 self.gaps.written(start, start + _format.segment_size(used))
         # Mark the batch durable before zeroing anything: a flusher restarted after
         # a crash in the middle of the resets must reset these, not rewrite them.
-        for i in self.pending:
+        for i in batch.buffers:
             ring.words[ring.durable_w[i]] = ring.words[ring.fill_w[i]]
         # Counters first: a sync() that returns once its buffers are IDLE must see them.
-        ring.set_header(L.H_BUFFERS_FLUSHED, ring.header(L.H_BUFFERS_FLUSHED) + len(done))
-        ring.set_header(L.H_BYTES_WRITTEN, ring.header(L.H_BYTES_WRITTEN) + written)
-        for i in self.pending:
-            self.reset(i)
-        self.pending.clear()
+        ring.set_header(L.H_BUFFERS_FLUSHED, ring.header(L.H_BUFFERS_FLUSHED) + len(outcome.done))
+        ring.set_header(L.H_BYTES_WRITTEN, ring.header(L.H_BYTES_WRITTEN) + outcome.written)
         self.retry_at = 0.0
         self.retry_pause = 0.05
         self.attempts = 0
+        return batch.buffers
+
+    def release(self, durable: list[int]) -> None:
+        """Reset the buffers of a durable batch (I4) and wake writers waiting
+        for space."""
+        if not durable:
+            return
+        ring = self.ring
+        for i in durable:
+            self.reset(i)
         # The stall is over before writers wake: one that timed out meanwhile must
         # not blame a disk that has room again.
         ring.set_header(L.H_STALL_ERRNO, 0)
         ring.post_space()
+
+    def quiesce(self) -> None:
+        """Wait for the batch in flight to leave the file alone, whatever its
+        outcome: its thread must not write through a descriptor that is closed
+        (and maybe reused) once the loop has returned."""
+        if self.batch is not None:
+            with contextlib.suppress(Exception):
+                self.batch.future.result()
 
     def failed(self, exc: OSError | ValueError, now: float, *, syncing: bool) -> None:
         """Record a failed attempt at the pending batch and schedule the retry.
@@ -357,7 +479,7 @@ class Flusher:
         ever say so: writes to a deleted file succeed, and a truncated one just
         grows a zero hole.  The loop calls this at most every 0.25 s.  The size
         test only means something before our next write, which grows the file
-        back over the hole; so flush_pending also calls it (*before_write*) ahead
+        back over the hole; so start_batch also calls it (*before_write*) ahead
         of each batch: one fstat(2) against a pwrite of at least 4 KiB.  A
         truncation that lands while a batch is being written past it goes
         unseen.  The size only counts below the end of what was written:
@@ -432,8 +554,10 @@ class Flusher:
 
     def all_idle(self) -> bool:
         ring = self.ring
-        return not self.pending and all(
-            ring.state(i) & L.IDLE for i in range(ring.geometry.buffers)
+        return (
+            self.batch is None
+            and not self.pending
+            and all(ring.state(i) & L.IDLE for i in range(ring.geometry.buffers))
         )
 
     # -- rotation (docs/rotation.md) -----------------------------------------------
@@ -594,6 +718,12 @@ class Flusher:
 
     def run(self, give_up_after: float = 30.0) -> int:
         """Flush until the owner closes the ring (or dies); returns an exit status."""
+        try:
+            return self._loop(give_up_after)
+        finally:
+            self.quiesce()
+
+    def _loop(self, give_up_after: float) -> int:
         ring = self.ring
         sem = ring.flush_sem
         assert sem is not None
@@ -614,7 +744,8 @@ class Flusher:
             closing = bool(ring.status() & L.STATUS_CLOSING)
             self.seal_due(now, closing)
             incomplete = self.take_ready()
-            self.flush_pending(now)
+            self.pump(now, closing)
+            self.maybe_roll(now)
             self.check_file(now)
             if now >= self.next_recovery:
                 self.next_recovery = now + min(0.05, self.recovery.timeout / 4)
@@ -624,8 +755,6 @@ class Flusher:
                     now + 0.25
                 )  # frees dead and orphaned slots (acquire_lease waits for it)
                 self.recovery.sweep()
-            self.gaps.check(now, closing)
-            self.maybe_roll(now)
             # A closed fill waits for writers still copying (microseconds): look
             # again soon rather than after a whole interval.
             wait = 0.0002 if incomplete else idle_wait
@@ -651,7 +780,10 @@ class Flusher:
                 limit = give_up_after / 6 if ring.status() & L.STATUS_BROKEN else give_up_after
                 if now - closing_since > limit:
                     # A writer that never releases its claim, or a disk that stays
-                    # full: report instead of hanging the owner's close().
+                    # full: report instead of hanging the owner's close().  A batch
+                    # in flight is accounted for first, so close() names only
+                    # what is really not durable.
+                    self.release(self.finish_batch(now, wait=True))
                     ring.set_status(L.STATUS_FLUSHER_DONE)
                     return 1
                 wait = 0.001

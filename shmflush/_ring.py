@@ -607,14 +607,17 @@ class Ring:
         try:
             _fence.barrier()
         except OSError as exc:
-            # The kernel refused (seccomp): tails wait for their writers,
-            # which return them on their next append or when they end.
+            # The kernel refused (seccomp): tell writers to fall back to one
+            # claim per record at their next claim; the chunks out now are
+            # returned by their writers (next append, or when they end).
             print(
-                f"shmflush: ring {self.name!r}: {exc}; idle writers' chunks "
-                "are returned by their writers only",
+                f"shmflush: ring {self.name!r}: {exc}; writers fall back to one "
+                "atomic per record, and idle writers' chunks are returned by "
+                "their writers only",
                 file=sys.stderr,
             )
             self.fence_on = False
+            words[L.H_FENCE // 8] = L.FENCE_OFF
             return 0
         taken = 0
         for k, c, end in found:
@@ -1207,6 +1210,8 @@ class Writer:
         self.limit = 0  # no fast path until a chunk is installed (see put)
         self.return_chunk()
         words = core.words
+        if self.fenced and words[L.H_FENCE // 8] != L.FENCE_ON:
+            self.fenced = False  # the flusher cannot fence: see return_chunks
         cap = core.capacity
         while True:
             core.check_status()

@@ -465,3 +465,225 @@ def test_the_flusher_does_not_take_its_own_preallocation_or_trim_for_a_truncatio
         written - 4096,
         written,
     )
+
+
+def test_a_flusher_whose_membarrier_is_refused_turns_writers_to_one_atomic_per_record(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # seccomp can refuse membarrier(2) to the flusher although the creator could
+    # register: the flusher then cannot take idle writers' tails, so it tells
+    # writers (H_FENCE) to claim one record at a time from their next claim.
+    from shmflush import _fence
+
+    if not _fence.register():
+        pytest.skip("membarrier(2) is not available here")
+    core = bare.core
+    core.set_header(L.H_FENCE, L.FENCE_ON)
+    core.fence_on = True
+    bare.ring.append(b"in a chunk")
+    writer = bare.ring._tls.slot
+    assert writer.fenced
+    assert writer.room() > 0  # a chunk with a tail
+    lane_word = core.words[core.lane_w[0]]
+    i = lane_word & L.LANE_INDEX_MASK
+    core.seal(i)
+
+    def refused() -> None:
+        raise OSError(errno.EPERM, "membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED): refused")
+
+    monkeypatch.setattr(_fence, "barrier", refused)
+    bare.flush()
+    assert "fall back to one atomic per record" in capfd.readouterr().err
+    assert core.header(L.H_FENCE) == L.FENCE_OFF
+    assert not core.state(i) & L.IDLE  # the tail is the writer's to return
+    bare.ring.append(b"after")  # returns the tail, claims in fallback mode
+    assert not writer.fenced
+    assert writer.room() == 0  # exactly one record per claim
+    bare.flush()
+    core.seal(core.words[core.lane_w[0]] & L.LANE_INDEX_MASK)
+    bare.flush()
+    assert bare.records() == [b"in a chunk", b"after"]
+
+
+class _HeldSync:
+    """Records every pwrite and fdatasync (entry and return); the first
+    fdatasync waits until ``release`` is set, then fails with *fail* if given."""
+
+    def __init__(self, fail: int | None = None) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+        self.held = False
+        self.real_pwrite = os.pwrite
+        self.real_fdatasync = os.fdatasync
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        with self.lock:
+            self.events.append(("pwrite", offset))
+        return self.real_pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        with self.lock:
+            self.events.append(("sync", fd))
+            first, self.held = not self.held, True
+        try:
+            if first:
+                self.entered.set()
+                assert self.release.wait(DEADLINE_S), "the test never released the sync"
+                if self.fail is not None:
+                    raise _oserror(self.fail)
+            self.real_fdatasync(fd)
+        finally:
+            with self.lock:
+                self.events.append(("synced", fd))
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(os, "pwrite", self.pwrite)
+        monkeypatch.setattr(os, "fdatasync", self.fdatasync)
+
+    def index(self, event: tuple[str, int]) -> int:
+        with self.lock:
+            return self.events.index(event)
+
+
+def _pump_until(bare: Bare, done: Callable[[], bool], now: float = 0.0) -> None:
+    """Run the loop's batch step (take, then pump) until *done*, with a deadline."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not done():
+        assert time.monotonic() < deadline, "the batch in flight never finished"
+        bare.flusher.take_ready()
+        bare.flusher.pump(now, closing=False)
+        time.sleep(0.001)
+
+
+def _address(bare: Bare, i: int) -> int:
+    return bare.core.words[bare.core.address_w[i]]
+
+
+def test_fills_taken_while_a_batch_syncs_are_written_after_that_sync_and_nothing_before_it_is_reset(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop takes fills while the I/O thread writes and syncs a batch, and
+    # writes them as the next batch; a buffer is reset only after its own sync
+    # (I4), and two batches' writes never overlap a sync (fsyncgate).
+    core = bare.core
+    flusher = bare.flusher
+    flusher.sync_data = True
+    log = _HeldSync()
+    log.install(monkeypatch)
+    a = _fill_one(bare, b"a" * 100)
+    flusher.take_ready()
+    flusher.pump(0.0, closing=False)
+    assert log.entered.wait(DEADLINE_S), "the batch was never synced"
+    b = _fill_one(bare, b"b" * 200)
+    flusher.take_ready()
+    flusher.pump(0.0, closing=False)
+    assert flusher.batch is not None
+    assert (flusher.batch.buffers, flusher.pending) == ([a], [b])
+    assert not core.state(a) & L.IDLE, "reset before its fdatasync returned"
+    assert ("pwrite", _address(bare, b)) not in log.events
+    assert not flusher.all_idle()
+    log.release.set()
+    _pump_until(bare, flusher.all_idle)
+    fd = bare.fd
+    assert log.index(("synced", fd)) < log.index(("pwrite", _address(bare, b)))
+    assert bare.ring.stats().syncs == 2
+    assert bare.records() == [b"a" * 100, b"b" * 200]
+
+
+def test_a_fdatasync_that_fails_in_flight_rewrites_its_batch_with_the_fills_taken_meanwhile(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = bare.core
+    flusher = bare.flusher
+    flusher.sync_data = True
+    log = _HeldSync(fail=errno.EIO)
+    log.install(monkeypatch)
+    a = _fill_one(bare, b"a" * 100)
+    flusher.take_ready()
+    flusher.pump(0.0, closing=False)
+    assert log.entered.wait(DEADLINE_S), "the batch was never synced"
+    b = _fill_one(bare, b"b" * 200)
+    flusher.take_ready()
+    log.release.set()
+    _pump_until(bare, lambda: flusher.batch is None)
+    stats = bare.ring.stats()
+    assert (stats.stalled, stats.broken, stats.syncs) == (errno.EIO, False, 0)
+    assert sorted(flusher.pending) == sorted([a, b])
+    assert not core.state(a) & L.IDLE, "a batch whose sync failed was reset"
+    _pump_until(bare, flusher.all_idle, now=1.0)  # after the retry pause
+    # The retry wrote the failed batch again, and the new fill with it, before
+    # it synced again.
+    second = log.events[log.index(("synced", bare.fd)) + 1 :]
+    written = {offset for kind, offset in second if kind == "pwrite"}
+    assert written == {_address(bare, a), _address(bare, b)}
+    assert second[-2:] == [("sync", bare.fd), ("synced", bare.fd)]
+    stats = bare.ring.stats()
+    assert (stats.stalled, stats.broken, stats.syncs) == (0, False, 1)
+    assert bare.records() == [b"a" * 100, b"b" * 200]
+
+
+def test_the_gap_filler_waits_for_the_batch_in_flight_before_it_writes_and_syncs(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The filler's own fdatasync(2) could take a writeback error that belongs
+    # to the batch in flight, and that batch would then count as durable.
+    from shmflush import _atomic
+
+    core = bare.core
+    flusher = bare.flusher
+    flusher.sync_data = True
+    _fill_one(bare, b"first")
+    bare.flush()
+    hole = core.header(L.H_NEXT_ADDRESS)
+    _atomic.fetch_add(core.base + L.H_NEXT_ADDRESS, 16384, 5)  # a dead closer's
+    log = _HeldSync()
+    log.install(monkeypatch)
+    _fill_one(bare, b"second")
+    flusher.take_ready()
+    flusher.pump(0.0, closing=False)
+    assert log.entered.wait(DEADLINE_S), "the batch was never synced"
+    timeout = flusher.recovery.timeout
+    for now in (1.0, 2 + timeout, 3 + 2 * timeout):  # long past the recovery timeout
+        flusher.pump(now, closing=False)
+    assert ("pwrite", hole) not in log.events, "the gap was filled with a batch in flight"
+    assert core.header(L.H_WRITTEN_BELOW) == hole
+    log.release.set()
+    after = 4 + 3 * timeout
+    _pump_until(bare, flusher.all_idle, now=after)
+    for now in (after, after + 2 * timeout):
+        flusher.pump(now, closing=False)
+    assert core.header(L.H_WRITTEN_BELOW) == core.header(L.H_NEXT_ADDRESS)
+    assert log.index(("synced", bare.fd)) < log.index(("pwrite", hole))
+    reader = shmflush.read(bare.path)
+    assert list(reader) == [b"first", b"second"]
+    assert reader.abandoned == 4
+
+
+def test_a_flusher_that_gives_up_on_close_first_accounts_for_the_batch_in_flight(
+    bare: Bare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run() must not return with the I/O thread still writing: the caller closes
+    # the descriptor next, and close() would name durable fills as lost.
+    core = bare.core
+    flusher = bare.flusher
+    flusher.sync_data = True
+    log = _HeldSync()
+    log.install(monkeypatch)
+    i = _fill_one(bare, b"late" * 100)
+    core.set_status(L.STATUS_CLOSING)
+    timer = threading.Timer(1.0, log.release.set)  # well after it gives up
+    timer.start()
+    try:
+        assert flusher.run(give_up_after=0.1) == 1
+    finally:
+        log.release.set()
+        timer.join(DEADLINE_S)
+    assert log.entered.is_set()
+    assert flusher.batch is None
+    assert core.state(i) & L.IDLE
+    assert core.status() & L.STATUS_FLUSHER_DONE
+    assert bare.ring.stats().syncs == 1
+    assert bare.records() == [b"late" * 100]

@@ -20,10 +20,14 @@ Findings pinned here (details in the test docstrings):
   writes its next record into the buffer's next fill once the buffer is reset
   and reopened (the state word reads unsealed again).  Found by the model and,
   independently, by tests/test_interrupts.py; the code's fix reloads the
-  writer's own chunk word after the state word (_ring.Writer.put), the model's
-  put_fill_check compares D_FILL, an equivalent witness;
+  writer's own chunk word after the state word (_ring.Writer.put), and so does
+  the model (Config.put_check="chunk", two loads in that order; loading C_k
+  first is the mutant recheck-first, which loses a record);
   test_put_without_the_fill_check_writes_into_a_reopened_buffer pins the spec
   as written.
+* deaths in chunk mode with dead-writer recovery (Config.recovery): safety
+  holds, and without further deaths the owner's close() drains from every
+  state (test_chunk_deaths_with_recovery_drain).
 * seq is not monotonic in file order: close_extent takes the address and the seq
   with two fetch-and-adds, so two closers can interleave them (docs/format.md
   says so).
@@ -43,7 +47,15 @@ from pathlib import Path
 
 import pytest
 from bare import make_bare
-from protocol_model import CHUNK_MUTANTS, MUTANTS, Config, InvariantError, Result, explore
+from protocol_model import (
+    CHUNK_MUTANTS,
+    MUTANTS,
+    RECOVERY_MUTANTS,
+    Config,
+    InvariantError,
+    Result,
+    explore,
+)
 
 import shmflush
 from shmflush import _atomic, _proc
@@ -106,7 +118,9 @@ LIVE: list[tuple[Config, bool]] = [  # (configuration, reaches the reject wedge)
     # protocol v3 (notes/chunks.md), writers under x86-TSO: 16-byte chunks of
     # 8-byte records, so a chunk holds two records and a tail is often left over.
     (Config("v3-fallback", ((16, 16), (8,)), chunk=0, max_fills=2), False),
-    (Config("chunk-1lane", ((8, 8), (8,)), chunk=CHUNK, max_fills=2), False),
+    # one fill number only: the timed seal and the flusher's returns (the larger
+    # bound, which reopens a buffer, is deep-chunk-1lane and chunk-sync-stop)
+    (Config("chunk-1lane", ((8, 8), (8,)), chunk=CHUNK, max_fills=1), False),
     (Config("chunk-cross", ((16, 16), (16,)), chunk=24, timed_seal=False, max_fills=2), False),
     (
         Config(
@@ -140,8 +154,52 @@ DEATHS: list[tuple[Config, bool]] = [  # (configuration, check where deaths wedg
         True,
     ),
 ]
+#: chunk mode, a writer killed at any step, dead-writer recovery in the flusher
+RECOVERY: list[Config] = [
+    Config(
+        "chunk-deaths",
+        ((8, 8), (8,)),
+        chunk=CHUNK,
+        deaths=1,
+        recovery=True,
+        timed_seal=False,
+        max_fills=2,
+    ),
+]
 if DEEP:
+    RECOVERY += [
+        Config(
+            "deep-chunk-deaths-timed",
+            ((8, 8), (8,)),
+            chunk=CHUNK,
+            deaths=1,
+            recovery=True,
+            max_fills=2,
+        ),
+        Config(
+            "deep-chunk-deaths-cross",
+            ((16, 16), (16,)),
+            chunk=24,
+            deaths=1,
+            recovery=True,
+            timed_seal=False,
+            max_fills=2,
+        ),
+    ]
     LIVE += [
+        (Config("deep-chunk-1lane", ((8, 8), (8,)), chunk=CHUNK, max_fills=2), False),
+        (
+            Config(
+                "deep-chunk-sync-dfill",
+                ((8, 8), (8,)),
+                chunk=CHUNK,
+                syncs=1,
+                timed_seal=False,
+                max_fills=2,
+                put_check="fill",
+            ),
+            False,
+        ),
         (Config("deep-1lane-3writers", ((16,), (16,), (8,)), timed_seal=False, max_fills=2), False),
         (
             Config(
@@ -319,10 +377,32 @@ def test_seq_is_not_promised_in_file_order() -> None:
     assert r.seq_inversions
 
 
-def test_recovery_is_not_modelled_yet() -> None:
-    # The switch exists; its transitions are Model._recovery_tags/_recovery_step.
-    with pytest.raises(NotImplementedError):
+def test_recovery_is_modelled_in_chunk_mode_only() -> None:
+    # protocol v2's writer stores no A_k/C_k: recovery's chunk half has nothing to read
+    with pytest.raises(ValueError, match="chunk mode only"):
         explore(Config("recovery", ((8,),), recovery=True))
+
+
+@pytest.mark.parametrize("cfg", RECOVERY, ids=lambda c: c.name)
+def test_chunk_deaths_with_recovery_drain(cfg: Config, record_property: RecordProperty) -> None:
+    """A writer killed at any step in chunk mode (with any prefix of the stores
+    its program issued, and its store buffer still draining): I1-I8 hold, and
+    from every reachable state the run can still finish (no further deaths):
+    recovery keeps a dead chunk's finished records from A_k on, abandons the rest
+    unless it is all zero, closes the fill (at capacity when the closer died
+    before storing the extent), commits the deficit in row R and frees the slot;
+    it finishes a dead rotator's reservation; return_chunks takes a dead writer's
+    idle tail as anyone's.  Each of these happens in the run."""
+    r = explored(cfg)
+    _record(r, record_property)
+    assert r.finals
+    assert r.deaths
+    if r.stalled:
+        trace = "\n".join([*r.stall_trace, r.stall_summary])
+        raise AssertionError(f"{r.stalled} stalled states after a death:\n{trace}")
+    assert not [key for key in r.deaths if key[2] == "wedges"]
+    for event in ("recovered", "recovery-abandoned", "recovered-reservation", "flusher-dead"):
+        assert r.events[event] > 0, (event, r.events)
 
 
 # -- protocol v3: chunks and the fence ---------------------------------------------------
@@ -356,8 +436,9 @@ def test_put_without_the_fill_check_writes_into_a_reopened_buffer() -> None:
     rotation reopens it for the next fill.  A resumes: BUSY, the state word reads
     unsealed, and A writes its record into its old chunk's range, now part of the
     next fill, which nobody claimed there: the returned record is lost (I7).  The
-    model's default (put_fill_check) also compares D_FILL, in the state word's
-    cache line, with the chunk's fill, and passes (chunk-sync-stop above)."""
+    model's default (put_check="chunk", the code) then loads the writer's own
+    chunk word C_k, which the flusher's CAS cleared before the fill could be
+    taken, and passes (chunk-sync-stop above)."""
     cfg = Config(
         "chunk-sync-spec",
         ((8, 8), (8,)),
@@ -365,7 +446,7 @@ def test_put_without_the_fill_check_writes_into_a_reopened_buffer() -> None:
         syncs=1,
         timed_seal=False,
         max_fills=2,
-        put_fill_check=False,
+        put_check="none",
     )
     with pytest.raises(InvariantError) as info:
         explore(cfg)
@@ -467,7 +548,18 @@ def test_real_reject_does_not_seal_the_next_fill(ring_name: str, tmp_path: Path)
 def test_invariants_catch_defects(mutant: str) -> None:
     """Each defect of MUTANTS (the Rust crate's, among others) breaks its invariant
     within a few dozen steps; so the checks above are not vacuous."""
-    if mutant in CHUNK_MUTANTS:
+    if mutant in RECOVERY_MUTANTS:
+        cfg = Config(
+            mutant,
+            ((8, 8), (8,)),
+            chunk=CHUNK,
+            deaths=1,
+            recovery=True,
+            timed_seal=False,
+            max_fills=2,
+            mutant=mutant,
+        )
+    elif mutant in CHUNK_MUTANTS:
         # a sync-seal between appends: the writer rests outside an append with a
         # chunk whose tail the flusher may return
         cfg = Config(
