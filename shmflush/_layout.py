@@ -105,7 +105,8 @@ Lease slot (64 bytes)::
     +16 thread ident   +24 lane
     +32 intent: what the holder is in the middle of; 0 = nothing.  Low half bits
         31..30 say what: 00 a claim (low bits = claim size, stored before the
-        fetch-and-add, zeroed after the commit); 10 sealing a fill; 11 rotating
+        fetch-and-add, zeroed once the claim is settled: installed as the
+        holder's chunk, abandoned, or rejected); 10 sealing a fill; 11 rotating
         a lane.  The high half is the low 32 bits of the lane word the claim was
         made from: bits 63..48 the fill number mod 2**16, bits 47..32 the buffer
         index (a seal's marker: the buffer index only).  A writer whose lane

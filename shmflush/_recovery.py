@@ -106,14 +106,12 @@ class Recovery:
         c = words[(lease + L.L_CHUNK) // 8]
         if not c:
             return None
-        i = L.intent_buffer(c)
-        if i >= ring.geometry.buffers or ring.state(i) & L.IDLE:
+        extent = ring.chunk_extent(c)
+        if extent is None or ring.state(extent[0]) & L.IDLE:
             return None
-        if L.intent_fill_tag(c) != words[ring.fill_w[i]] & 0xFFFF:
-            return None
+        i, end = extent
         at = words[(lease + L.L_AT) // 8]
         pos = at & ~L.AT_BUSY
-        end = ring.records_at[i] + (c & L.INTENT_SIZE_MASK)
         if pos >= end and not at & L.AT_BUSY:
             return None  # used up: nothing in flight, no tail
         return i, pos, end

@@ -633,18 +633,28 @@ class Ring:
                 taken += 1
         return taken
 
+    def chunk_extent(self, c: int) -> tuple[int, int] | None:
+        """Decode chunk word *c*: (buffer, mapping offset of the chunk's end), if
+        it names the current fill of a buffer; else None (a chunk of an earlier
+        fill, or a corrupt buffer index).  The end comes from shared memory:
+        callers check it.  Ignores CHUNK_RETURNING."""
+        i = L.intent_buffer(c)
+        if i >= self.geometry.buffers:
+            return None
+        if L.intent_fill_tag(c) != self.words[self.fill_w[i]] & 0xFFFF:
+            return None
+        return i, self.records_at[i] + (c & L.INTENT_SIZE_MASK)
+
     def _chunk_end(self, c: int) -> int:
         """The mapping offset where chunk word *c* ends, if it names a chunk of
         a sealed fill not yet taken (the only ones return_chunks takes); else 0."""
-        i = L.intent_buffer(c)
-        if i >= self.geometry.buffers:
+        extent = self.chunk_extent(c)
+        if extent is None:
             return 0
+        i, end = extent
         st = self.words[self.state_w[i]]
         if (st & (L.SEALED | L.FLUSHING | L.IDLE | L.RESERVED)) != L.SEALED:
             return 0
-        if L.intent_fill_tag(c) != self.words[self.fill_w[i]] & 0xFFFF:
-            return 0
-        end = self.records_at[i] + (c & L.INTENT_SIZE_MASK)
         return end if end <= self.records_at[i] + self.capacity else 0
 
     def _returnable(self, k: int, c: int, end: int) -> int:
